@@ -1,0 +1,155 @@
+//! The `publish` and `status` subcommands.
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::broker::{Broker, OutMessage, QueueSpec};
+use crate::cli::{BodySource, PublishArgs};
+use crate::config::Config;
+use crate::request::{valid_function_name, GoUrl, Request};
+use crate::Error;
+
+const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A random version-4 UUID, the form the gateway uses for `X-Call-Id`.
+pub fn new_call_id() -> String {
+    let mut b = fastrand::u128(..).to_be_bytes();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn spec(config: &Config) -> QueueSpec {
+    QueueSpec {
+        stream: config.stream.clone(),
+        subject: config.subject.clone(),
+        durable: config.durable.clone(),
+        replicas: config.replicas,
+        ack_wait: config.ack_wait,
+        max_inflight: config.max_inflight.get(),
+        max_waiting: (config.max_inflight.get() * 2).max(512),
+        max_ack_pending: config.max_ack_pending,
+    }
+}
+
+/// Enqueues `args.count` requests as the gateway would and prints their call ids.
+pub fn publish(config: &Config, args: &PublishArgs) -> Result<(), Error> {
+    if !valid_function_name(&args.function) {
+        return Err(Error::Usage(format!(
+            "invalid function name {:?}: letters, digits, '-', '_' and '.' only",
+            args.function
+        )));
+    }
+    if let Some(url) = &args.callback {
+        if GoUrl::parse(url).is_none() {
+            return Err(Error::Usage(format!(
+                "invalid callback URL {url:?}: expected scheme://host/path"
+            )));
+        }
+    }
+    let body = match &args.body {
+        BodySource::Empty => Vec::new(),
+        BodySource::Text(t) => t.clone().into_bytes(),
+        BodySource::File(path) => std::fs::read(path)
+            .map_err(|e| Error::Command(format!("reading {}: {e}", path.display())))?,
+        BodySource::Stdin => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|e| Error::Command(format!("reading standard input: {e}")))?;
+            buf
+        }
+    };
+    let broker = Broker::connect_once(&config.nats_urls, None)?;
+    broker.ensure(&spec(config))?;
+    let mut ids = Vec::with_capacity(args.count);
+    let messages: Vec<OutMessage> = (0..args.count)
+        .map(|_| {
+            let id = new_call_id();
+            let start = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            let mut headers = vec![
+                ("X-Call-Id".to_string(), id.clone()),
+                ("X-Start-Time".to_string(), start.to_string()),
+            ];
+            if let Some(url) = &args.callback {
+                headers.push(("X-Callback-Url".into(), url.clone()));
+            }
+            headers.extend(args.headers.iter().cloned());
+            let req = Request {
+                function: args.function.clone(),
+                method: args.method.clone(),
+                path: args.path.clone(),
+                query: args.query.clone(),
+                headers,
+                body: body.clone(),
+                callback_url: args.callback.clone(),
+                annotations: BTreeMap::new(),
+            };
+            ids.push(id.clone());
+            OutMessage {
+                id,
+                headers: Vec::new(),
+                data: req.encode(),
+            }
+        })
+        .collect();
+    broker.publish_all(&config.subject, &messages, PUBLISH_ACK_TIMEOUT)?;
+    broker.close();
+    let mut out = std::io::stdout().lock();
+    for id in ids {
+        let _ = writeln!(out, "{id}");
+    }
+    Ok(())
+}
+
+/// Prints the stream and consumer counters.
+pub fn status(config: &Config, json: bool) -> Result<(), Error> {
+    let broker = Broker::connect_once(&config.nats_urls, None)?;
+    let state = broker.queue_state(&config.stream, &config.durable)?;
+    broker.close();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&state).map_err(|e| Error::Command(e.to_string()))?
+        );
+    } else {
+        println!(
+            "stream {} (subjects: {})\n  messages     {}\n  bytes        {}\n  last seq     {}\nconsumer {}\n  pending      {}\n  ack pending  {}\n  redelivered  {}\n  waiting      {}",
+            state.stream,
+            state.subjects.join(", "),
+            state.messages,
+            state.bytes,
+            state.last_seq,
+            state.consumer,
+            state.pending,
+            state.ack_pending,
+            state.redelivered,
+            state.waiting
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn call_ids_are_uuid_v4() {
+        let id = super::new_call_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert!("89ab".contains(&id[19..20]));
+        assert_ne!(id, super::new_call_id());
+    }
+}

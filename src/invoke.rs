@@ -1,0 +1,307 @@
+//! Calling functions and callbacks over HTTP with `ureq`.
+//!
+//! [`Invoker::invoke`] sends one request to `{gateway_url}/function/{name}{path}?{query}` and
+//! returns an [`Outcome`]; the worker turns the outcome into an ack.
+
+use std::io::Read as _;
+use std::time::{Duration, Instant, SystemTime};
+
+use ureq::http;
+
+use crate::config::Config;
+use crate::request::Request;
+use crate::retry::{parse_retry_after, RetryPolicy};
+
+pub const USER_AGENT: &str = concat!("queue-worker/", env!("CARGO_PKG_VERSION"));
+
+/// The status reported when the function could not be reached or timed out.
+pub const UNREACHABLE_STATUS: u16 = 503;
+
+/// Headers that describe one connection, never forwarded (RFC 9110 section 7.6.1).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// What one attempt produced: the function's response, or why there is none.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The function's status, or [`UNREACHABLE_STATUS`] when `error` is set.
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Transport failure (refused, reset, timed out, response too large).
+    pub error: Option<String>,
+    pub duration: Duration,
+}
+
+impl Reply {
+    fn failed(error: String, duration: Duration) -> Reply {
+        Reply {
+            status: UNREACHABLE_STATUS,
+            headers: Vec::new(),
+            body: Vec::new(),
+            error: Some(error),
+            duration,
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The metric label of the result: the status, or `error`.
+    pub fn code_label(&self) -> String {
+        match self.error {
+            Some(_) => "error".to_string(),
+            None => self.status.to_string(),
+        }
+    }
+}
+
+/// How an attempt ends, which decides the ack.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The function answered with a status that ends the message (success, or a status that
+    /// is not retried): callback, then ack.
+    Done(Reply),
+    /// Worth another attempt (a listed status, an OpenFaaS-internal 5xx, a transport failure):
+    /// retry later, or give up when the attempts are spent.
+    Retry {
+        reply: Reply,
+        /// From `Retry-After` on a 429 or 503.
+        retry_after: Option<Duration>,
+    },
+    /// Failed in a way another attempt cannot fix (the response was larger than allowed):
+    /// callback, then ack.
+    Permanent(Reply),
+}
+
+impl Outcome {
+    pub fn reply(&self) -> &Reply {
+        match self {
+            Outcome::Done(r) | Outcome::Permanent(r) | Outcome::Retry { reply: r, .. } => r,
+        }
+    }
+
+    pub fn into_reply(self) -> Reply {
+        match self {
+            Outcome::Done(r) | Outcome::Permanent(r) | Outcome::Retry { reply: r, .. } => r,
+        }
+    }
+}
+
+/// The result of a callback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallbackResult {
+    Delivered(u16),
+    Failed(String),
+}
+
+/// Sends invocations and callbacks; shared by all worker threads.
+pub struct Invoker {
+    agent: ureq::Agent,
+    callback_agent: ureq::Agent,
+    gateway_url: String,
+    max_response_bytes: u64,
+}
+
+/// What a callback reports besides the function's own response.
+pub struct CallbackInfo<'a> {
+    pub call_id: Option<&'a str>,
+    pub function: &'a str,
+    pub attempt: u32,
+    pub max_attempts: u32,
+}
+
+impl Invoker {
+    pub fn new(config: &Config) -> Invoker {
+        let pool = config.max_inflight.get();
+        let agent = |timeout: Duration| {
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .max_redirects(0)
+                .user_agent(USER_AGENT)
+                .timeout_global(Some(timeout))
+                .max_idle_connections(pool * 2)
+                .max_idle_connections_per_host(pool)
+                .allow_non_standard_methods(true)
+                .build()
+                .new_agent()
+        };
+        Invoker {
+            agent: agent(config.upstream_timeout),
+            callback_agent: agent(config.callback_timeout),
+            gateway_url: config.gateway_url.clone(),
+            max_response_bytes: config.max_response_bytes,
+        }
+    }
+
+    /// Calls the function once and classifies the result with the request's retry policy.
+    pub fn invoke(&self, req: &Request, policy: &RetryPolicy) -> Outcome {
+        let started = Instant::now();
+        let url = format!("{}{}", self.gateway_url, req.invoke_path());
+        let mut builder = http::Request::builder()
+            .method(req.method.as_str())
+            .uri(&url);
+        for (name, value) in &req.headers {
+            let lower = name.to_ascii_lowercase();
+            if lower == "host"
+                || lower == "content-length"
+                || lower == "user-agent"
+                || HOP_BY_HOP.contains(&lower.as_str())
+            {
+                continue;
+            }
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        let request = match builder.body(req.body.as_slice()) {
+            Ok(r) => r,
+            // A header the HTTP library refuses: the request cannot be sent as queued.
+            Err(e) => {
+                return Outcome::Permanent(Reply::failed(
+                    format!("cannot build the request: {e}"),
+                    started.elapsed(),
+                ))
+            }
+        };
+        match self.agent.run(request) {
+            Ok(mut response) => {
+                let status = response.status().as_u16();
+                let headers = response_headers(response.headers());
+                let body = response
+                    .body_mut()
+                    .with_config()
+                    .limit(self.max_response_bytes)
+                    .read_to_vec();
+                let duration = started.elapsed();
+                let body = match body {
+                    Ok(body) => body,
+                    Err(ureq::Error::BodyExceedsLimit(limit)) => {
+                        return Outcome::Permanent(Reply {
+                            error: Some(format!(
+                                "response body larger than max_response_bytes ({limit})"
+                            )),
+                            ..Reply::failed(String::new(), duration)
+                        })
+                    }
+                    Err(e) => {
+                        return Outcome::Retry {
+                            reply: Reply::failed(
+                                format!("reading the response failed: {e}"),
+                                duration,
+                            ),
+                            retry_after: None,
+                        }
+                    }
+                };
+                let reply = Reply {
+                    status,
+                    headers,
+                    body,
+                    error: None,
+                    duration,
+                };
+                let internal = reply.header("X-OpenFaaS-Internal").is_some();
+                if policy.retries_status(status, internal) {
+                    let retry_after = reply
+                        .header("Retry-After")
+                        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+                    Outcome::Retry { reply, retry_after }
+                } else {
+                    Outcome::Done(reply)
+                }
+            }
+            Err(e) => Outcome::Retry {
+                reply: Reply::failed(describe(&e), started.elapsed()),
+                retry_after: None,
+            },
+        }
+    }
+
+    /// POSTs the function's result to the callback URL. Never retried: a failure is reported.
+    pub fn callback(&self, url: &str, reply: &Reply, info: &CallbackInfo<'_>) -> CallbackResult {
+        let mut builder = http::Request::builder().method("POST").uri(url);
+        for (name, value) in &reply.headers {
+            let lower = name.to_ascii_lowercase();
+            if lower == "content-length" || HOP_BY_HOP.contains(&lower.as_str()) {
+                continue;
+            }
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        if let Some(id) = info.call_id {
+            builder = builder.header("X-Call-Id", id);
+        }
+        builder = builder
+            .header("X-Function-Status", reply.status.to_string())
+            .header("X-Function-Name", info.function)
+            .header(
+                "X-Duration-Seconds",
+                format!("{:.6}", reply.duration.as_secs_f64()),
+            )
+            .header("X-Retry", info.attempt.to_string())
+            .header("X-Retry-Max", info.max_attempts.to_string());
+        if let Some(error) = &reply.error {
+            builder = builder.header("X-Function-Error", sanitize_header(error));
+        }
+        let request = match builder.body(reply.body.as_slice()) {
+            Ok(r) => r,
+            Err(e) => return CallbackResult::Failed(format!("cannot build the callback: {e}")),
+        };
+        match self.callback_agent.run(request) {
+            Ok(mut response) => {
+                // Read what the receiver says, so the connection can be reused.
+                let _ = response
+                    .body_mut()
+                    .as_reader()
+                    .take(64 * 1024)
+                    .read_to_end(&mut Vec::new());
+                let status = response.status().as_u16();
+                if (200..300).contains(&status) {
+                    CallbackResult::Delivered(status)
+                } else {
+                    CallbackResult::Failed(format!("callback answered {status}"))
+                }
+            }
+            Err(e) => CallbackResult::Failed(describe(&e)),
+        }
+    }
+}
+
+fn response_headers(map: &http::HeaderMap) -> Vec<(String, String)> {
+    map.iter()
+        .filter_map(|(name, value)| {
+            value
+                .to_str()
+                .ok()
+                .map(|v| (name.as_str().to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+fn describe(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::Timeout(t) => format!("timed out ({t})"),
+        ureq::Error::ConnectionFailed => "connection failed".to_string(),
+        ureq::Error::HostNotFound => "host not found".to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Header values cannot hold control characters; error texts may.
+fn sanitize_header(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(512)
+        .collect()
+}

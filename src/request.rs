@@ -1,0 +1,467 @@
+//! The OpenFaaS `QueueRequest` (faas-provider types/queue.go) as the gateway writes it.
+//!
+//! Decoding accepts every layout the gateway has produced: the legacy one with every key and
+//! `null`s, the current one with omitted keys, Go's `\u0026` escapes and unknown keys. `Body` is
+//! standard base64 and `CallbackUrl` is Go's `url.URL` object. Encoding writes the current layout.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+const BASE64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// An invocation taken off the queue, ready to be sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub function: String,
+    /// The queued method, `POST` when it was empty.
+    pub method: String,
+    /// Path below the function, always starting with `/`.
+    pub path: String,
+    pub query: String,
+    /// Queued headers in order, one entry per value.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub callback_url: Option<String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Why a message is not a usable request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    Json(String),
+    NoFunction,
+    BadFunction(String),
+    BadBody(String),
+    BadMethod(String),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Json(e) => write!(f, "not a QueueRequest JSON object: {e}"),
+            DecodeError::NoFunction => write!(f, "no Function in the request"),
+            DecodeError::BadFunction(name) => write!(f, "invalid Function name {name:?}"),
+            DecodeError::BadBody(e) => write!(f, "Body is not standard base64: {e}"),
+            DecodeError::BadMethod(m) => write!(f, "invalid Method {m:?}"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+#[derive(Deserialize, Serialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct Wire {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    header: Option<BTreeMap<String, Option<Vec<String>>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    body: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    query_string: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    function: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    queue_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    callback_url: Option<GoUrl>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    annotations: Option<BTreeMap<String, String>>,
+}
+
+/// Go's `net/url.URL` as encoding/json writes it.
+#[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct GoUrl {
+    pub scheme: String,
+    pub opaque: String,
+    /// `*Userinfo` has no exported fields: Go writes `{}` or `null`, never the credentials.
+    pub user: Option<serde_json::Value>,
+    pub host: String,
+    pub path: String,
+    pub raw_path: String,
+    pub omit_host: bool,
+    pub force_query: bool,
+    pub raw_query: String,
+    pub fragment: String,
+    pub raw_fragment: String,
+}
+
+impl GoUrl {
+    /// Rebuilds the URL as Go's `URL.String()` does for the forms the gateway produces.
+    pub fn to_url(&self) -> String {
+        let mut out = String::new();
+        if !self.scheme.is_empty() {
+            out.push_str(&self.scheme);
+            out.push(':');
+        }
+        if !self.opaque.is_empty() {
+            out.push_str(&self.opaque);
+        } else {
+            if !self.host.is_empty() || !self.scheme.is_empty() {
+                out.push_str("//");
+                out.push_str(&self.host);
+            }
+            if !self.raw_path.is_empty() {
+                out.push_str(&self.raw_path);
+            } else {
+                escape_into(&mut out, &self.path, |c| PATH_SAFE.contains(&c));
+            }
+        }
+        if self.force_query || !self.raw_query.is_empty() {
+            out.push('?');
+            out.push_str(&self.raw_query);
+        }
+        if !self.raw_fragment.is_empty() {
+            out.push('#');
+            out.push_str(&self.raw_fragment);
+        } else if !self.fragment.is_empty() {
+            out.push('#');
+            escape_into(&mut out, &self.fragment, |c| {
+                PATH_SAFE.contains(&c) || c == b'?'
+            });
+        }
+        out
+    }
+
+    /// Parses a plain `scheme://host/path?query#fragment` URL into Go's fields.
+    pub fn parse(url: &str) -> Option<GoUrl> {
+        let (scheme, rest) = url.split_once("://")?;
+        if scheme.is_empty()
+            || !scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '+')
+        {
+            return None;
+        }
+        let (rest, fragment) = match rest.split_once('#') {
+            Some((r, f)) => (r, f.to_string()),
+            None => (rest, String::new()),
+        };
+        let (rest, raw_query) = match rest.split_once('?') {
+            Some((r, q)) => (r, q.to_string()),
+            None => (rest, String::new()),
+        };
+        let (host, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if host.is_empty() || host.contains(' ') {
+            return None;
+        }
+        Some(GoUrl {
+            scheme: scheme.to_ascii_lowercase(),
+            host: host.to_string(),
+            path: path.to_string(),
+            raw_query,
+            fragment,
+            ..GoUrl::default()
+        })
+    }
+}
+
+/// Bytes Go leaves unescaped in a path: unreserved characters and sub-delimiters.
+const PATH_SAFE: &[u8] =
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/";
+
+fn escape_into(out: &mut String, s: &str, safe: impl Fn(u8) -> bool) {
+    for &b in s.as_bytes() {
+        if safe(b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+}
+
+/// A function name usable in a URL and as a metric label: `name` or `name.namespace`.
+pub fn valid_function_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+}
+
+impl Request {
+    /// Decodes a queued message.
+    pub fn decode(data: &[u8]) -> Result<Request, DecodeError> {
+        let wire: Wire =
+            serde_json::from_slice(data).map_err(|e| DecodeError::Json(e.to_string()))?;
+        let function = wire.function.unwrap_or_default();
+        if function.is_empty() {
+            return Err(DecodeError::NoFunction);
+        }
+        if !valid_function_name(&function) {
+            return Err(DecodeError::BadFunction(function));
+        }
+        let body = match wire.body.as_deref() {
+            None | Some("") => Vec::new(),
+            Some(b64) => BASE64
+                .decode(b64)
+                .map_err(|e| DecodeError::BadBody(e.to_string()))?,
+        };
+        let method = match wire.method.unwrap_or_default() {
+            m if m.is_empty() => "POST".to_string(),
+            m if m.bytes().all(|b| b.is_ascii_alphabetic()) && m.len() <= 16 => {
+                m.to_ascii_uppercase()
+            }
+            m => return Err(DecodeError::BadMethod(m)),
+        };
+        let path = match wire.path.unwrap_or_default() {
+            p if p.is_empty() => "/".to_string(),
+            p if p.starts_with('/') => p,
+            p => format!("/{p}"),
+        };
+        let headers = wire
+            .header
+            .unwrap_or_default()
+            .into_iter()
+            .flat_map(|(name, values)| {
+                values
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(move |v| (name.clone(), v))
+            })
+            .collect();
+        Ok(Request {
+            function,
+            method,
+            path,
+            query: wire.query_string.unwrap_or_default(),
+            headers,
+            body,
+            callback_url: wire
+                .callback_url
+                .map(|u| u.to_url())
+                .filter(|u| !u.is_empty()),
+            annotations: wire.annotations.unwrap_or_default(),
+        })
+    }
+
+    /// Encodes the request in the gateway's current layout.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut header: BTreeMap<String, Option<Vec<String>>> = BTreeMap::new();
+        for (name, value) in &self.headers {
+            header
+                .entry(name.clone())
+                .or_insert_with(|| Some(Vec::new()))
+                .get_or_insert_with(Vec::new)
+                .push(value.clone());
+        }
+        let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        let wire = Wire {
+            header: (!header.is_empty()).then_some(header),
+            body: (!self.body.is_empty()).then(|| BASE64.encode(&self.body)),
+            method: Some(self.method.clone()),
+            path: non_empty(if self.path == "/" { "" } else { &self.path }),
+            query_string: non_empty(&self.query),
+            function: Some(self.function.clone()),
+            callback_url: self.callback_url.as_deref().and_then(GoUrl::parse),
+            annotations: (!self.annotations.is_empty()).then(|| self.annotations.clone()),
+            ..Wire::default()
+        };
+        serde_json::to_vec(&wire).expect("a request always serializes")
+    }
+
+    /// `/function/{name}{path}` plus `?query` when there is one.
+    pub fn invoke_path(&self) -> String {
+        let mut p = format!("/function/{}{}", self.function, self.path);
+        if !self.query.is_empty() {
+            p.push('?');
+            p.push_str(&self.query);
+        }
+        p
+    }
+
+    /// The first value of a header, by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The `X-Call-Id` the gateway gave this invocation.
+    pub fn call_id(&self) -> Option<&str> {
+        self.header("X-Call-Id")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The gateway-produced samples in ../shared/openfaas/, embedded so the tests run anywhere.
+    const VECTORS: &str = include_str!("../tests/data/queue-requests.jsonl");
+
+    #[derive(Deserialize)]
+    struct Case {
+        case: String,
+        message: serde_json::Value,
+        expect: Expect,
+    }
+
+    #[derive(Deserialize)]
+    struct Expect {
+        invoke: String,
+        method: String,
+        body_b64: String,
+        callback: Option<String>,
+    }
+
+    fn cases() -> Vec<Case> {
+        VECTORS
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).expect("vector parses"))
+            .collect()
+    }
+
+    #[test]
+    fn decodes_every_gateway_vector() {
+        let cases = cases();
+        assert!(cases.len() >= 7);
+        for case in cases {
+            // Go's encoder escapes &, < and >; decode the bytes exactly as Go wrote them.
+            let bytes = go_style_json(&case.message);
+            let req = Request::decode(&bytes).unwrap_or_else(|e| panic!("{}: {e}", case.case));
+            assert_eq!(req.invoke_path(), case.expect.invoke, "{}", case.case);
+            assert_eq!(req.method, case.expect.method, "{}", case.case);
+            assert_eq!(
+                BASE64.encode(&req.body),
+                case.expect.body_b64,
+                "{}",
+                case.case
+            );
+            assert_eq!(req.callback_url, case.expect.callback, "{}", case.case);
+        }
+    }
+
+    /// serde_json writes `&` as is; Go writes `\u0026`. Produce Go's form.
+    fn go_style_json(v: &serde_json::Value) -> Vec<u8> {
+        serde_json::to_string(v)
+            .unwrap()
+            .replace('&', "\\u0026")
+            .replace('<', "\\u003c")
+            .replace('>', "\\u003e")
+            .into_bytes()
+    }
+
+    #[test]
+    fn go_escapes_decode() {
+        let json = br#"{"Function":"f","QueryString":"a=1\u0026b=\u003cx\u003e","Body":null}"#;
+        let req = Request::decode(json).unwrap();
+        assert_eq!(req.query, "a=1&b=<x>");
+        assert_eq!(req.invoke_path(), "/function/f/?a=1&b=<x>");
+    }
+
+    #[test]
+    fn multi_valued_headers_and_annotations() {
+        let case = cases()
+            .into_iter()
+            .find(|c| c.case == "current-annotations-multi-header")
+            .unwrap();
+        let req = Request::decode(&go_style_json(&case.message)).unwrap();
+        let accepts: Vec<_> = req.headers.iter().filter(|(n, _)| n == "Accept").collect();
+        assert_eq!(accepts.len(), 2);
+        assert_eq!(req.call_id(), Some("3333"));
+        assert_eq!(req.annotations["com.openfaas.retry.attempts"], "3");
+    }
+
+    #[test]
+    fn unknown_keys_and_null_header_values_are_ignored() {
+        let json = br#"{"Function":"f","Header":{"X-A":null,"X-B":["1"]},"NewField":{"x":1}}"#;
+        let req = Request::decode(json).unwrap();
+        assert_eq!(req.headers, vec![("X-B".to_string(), "1".to_string())]);
+    }
+
+    #[test]
+    fn malformed_messages_say_why() {
+        type Check = fn(&DecodeError) -> bool;
+        let cases: &[(&[u8], Check)] = &[
+            (b"not json", |e| matches!(e, DecodeError::Json(_))),
+            (b"[1,2]", |e| matches!(e, DecodeError::Json(_))),
+            (b"", |e| matches!(e, DecodeError::Json(_))),
+            (br#"{"Body":"dGVzdA=="}"#, |e| *e == DecodeError::NoFunction),
+            (br#"{"Function":""}"#, |e| *e == DecodeError::NoFunction),
+            (br#"{"Function":null}"#, |e| *e == DecodeError::NoFunction),
+            (br#"{"Function":"a/b"}"#, |e| {
+                matches!(e, DecodeError::BadFunction(_))
+            }),
+            (br#"{"Function":"f?x=1"}"#, |e| {
+                matches!(e, DecodeError::BadFunction(_))
+            }),
+            (br#"{"Function":"f","Body":"not base64!"}"#, |e| {
+                matches!(e, DecodeError::BadBody(_))
+            }),
+            (br#"{"Function":"f","Body":"dGVzdA"}"#, |e| {
+                matches!(e, DecodeError::BadBody(_))
+            }),
+            (br#"{"Function":"f","Method":"GE T"}"#, |e| {
+                matches!(e, DecodeError::BadMethod(_))
+            }),
+            (br#"{"Function":"f","Body":5}"#, |e| {
+                matches!(e, DecodeError::Json(_))
+            }),
+        ];
+        for (data, check) in cases {
+            let err = Request::decode(data).expect_err(&String::from_utf8_lossy(data));
+            assert!(check(&err), "{}: {err:?}", String::from_utf8_lossy(data));
+            assert!(!err.to_string().is_empty());
+        }
+    }
+
+    #[test]
+    fn encode_round_trips_in_the_current_layout() {
+        let req = Request {
+            function: "figlet".into(),
+            method: "PUT".into(),
+            path: "/sub".into(),
+            query: "a=1&b=2".into(),
+            headers: vec![
+                ("Accept".into(), "text/html".into()),
+                ("Accept".into(), "application/json".into()),
+                ("X-Call-Id".into(), "abc".into()),
+            ],
+            body: vec![0, 1, 2, 255],
+            callback_url: Some("http://cb.example:8080/hook?x=1#f".into()),
+            annotations: BTreeMap::new(),
+        };
+        let bytes = req.encode();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["Body"], "AAEC/w==");
+        assert_eq!(v["Header"]["Accept"][1], "application/json");
+        assert_eq!(v["CallbackUrl"]["Host"], "cb.example:8080");
+        assert_eq!(v["CallbackUrl"]["RawQuery"], "x=1");
+        assert!(v.get("Host").is_none() && v.get("Annotations").is_none());
+        assert_eq!(Request::decode(&bytes).unwrap(), req);
+    }
+
+    #[test]
+    fn go_url_rebuild() {
+        let u = GoUrl {
+            scheme: "http".into(),
+            host: "h:1".into(),
+            path: "/a b".into(),
+            ..GoUrl::default()
+        };
+        assert_eq!(u.to_url(), "http://h:1/a%20b");
+        let forced = GoUrl {
+            force_query: true,
+            ..u.clone()
+        };
+        assert_eq!(forced.to_url(), "http://h:1/a%20b?");
+        assert_eq!(GoUrl::parse("no-scheme"), None);
+        assert_eq!(GoUrl::parse("http://"), None);
+    }
+}
