@@ -8,8 +8,8 @@
 //! and status replies (404, 408, 409) that arrive as messages without a reply subject.
 //!
 //! Each puller owns a subscription on its own wildcard inbox, `<inbox>.<index>.*`, and gives
-//! every pull request its own reply subject `<inbox>.<index>.<n>`: JetStream delivers a message on
-//! the reply subject of the request it answers, so a late status reply of an expired request is
+//! every pull request its own reply subject `<inbox>.<index>.<n>`: status replies (404, 408, 409)
+//! come on the reply subject of the request they end, so a late status of an expired request is
 //! told apart from the current one. Publishing to `<inbox>.<index>.wake` wakes an idle puller at
 //! once (on shutdown and after a reconnect) without any polling.
 
@@ -108,6 +108,8 @@ pub struct QueueSpec {
     pub subject: String,
     pub durable: String,
     pub replicas: usize,
+    /// In memory instead of on disk, for a stream the worker creates.
+    pub memory_storage: bool,
     pub ack_wait: Duration,
     /// Worker threads, each with one pull request waiting at the server when idle.
     pub max_inflight: usize,
@@ -185,16 +187,32 @@ impl Broker {
                 0 => Duration::ZERO,
                 n => Duration::from_millis(50 * (n.min(40) as u64)),
             });
+        // A failed attempt fires its close callback too: only the connection that is
+        // returned may report events, so each attempt gets its own gate.
+        let gate = Arc::new(AtomicBool::new(false));
         if let Some(events) = events {
-            let (e1, e2, e3) = (events.clone(), events.clone(), events);
+            let on = |gate: &Arc<AtomicBool>, f: fn(&dyn ConnectionEvents)| {
+                let (gate, events) = (gate.clone(), events.clone());
+                move || {
+                    if gate.load(Ordering::SeqCst) {
+                        f(events.as_ref())
+                    }
+                }
+            };
             let gen = generation.clone();
+            let gen_gate = gate.clone();
             options = options
-                .disconnect_callback(move || e1.disconnected())
-                .reconnect_callback(move || {
-                    gen.fetch_add(1, Ordering::SeqCst);
-                    e2.reconnected()
+                .disconnect_callback(on(&gate, |e| e.disconnected()))
+                .reconnect_callback({
+                    let reconnected = on(&gate, |e| e.reconnected());
+                    move || {
+                        if gen_gate.load(Ordering::SeqCst) {
+                            gen.fetch_add(1, Ordering::SeqCst);
+                        }
+                        reconnected()
+                    }
                 })
-                .close_callback(move || e3.closed());
+                .close_callback(on(&gate, |e| e.closed()));
         }
         let nc = options
             .connect(joined.as_str())
@@ -202,6 +220,7 @@ impl Broker {
                 urls: joined.clone(),
                 source,
             })?;
+        gate.store(true, Ordering::SeqCst);
         let inbox = nc.new_inbox();
         Ok(Broker {
             js: nats::jetstream::new(nc.clone()),
@@ -277,16 +296,25 @@ impl Broker {
             name: spec.stream.clone(),
             subjects: vec![spec.subject.clone()],
             retention: RetentionPolicy::WorkQueue,
-            storage: StorageType::File,
+            storage: if spec.memory_storage {
+                StorageType::Memory
+            } else {
+                StorageType::File
+            },
             num_replicas: spec.replicas,
             ..StreamConfig::default()
         };
         match self.js.add_stream(config) {
             Ok(_) => {
                 log::info!(
-                    "created stream {} on subject {} (work-queue, file storage, {} replica(s))",
+                    "created stream {} on subject {} (work-queue, {} storage, {} replica(s))",
                     spec.stream,
                     spec.subject,
+                    if spec.memory_storage {
+                        "memory"
+                    } else {
+                        "file"
+                    },
                     spec.replicas
                 );
                 Ok(())
@@ -656,9 +684,10 @@ impl Puller {
             let wait = deadline.saturating_duration_since(Instant::now());
             match self.sub.next_timeout(wait) {
                 Ok(msg) => {
-                    let tail = msg.subject.rsplit('.').next().unwrap_or_default();
-                    let for_current = tail.parse::<u64>().ok() == Some(current);
                     if let Some(status) = status_of(&msg) {
+                        // Status replies come on the reply subject of the request they end.
+                        let tail = msg.subject.rsplit('.').next().unwrap_or_default();
+                        let for_current = tail.parse::<u64>().ok() == Some(current);
                         if for_current {
                             self.current = None;
                         }
@@ -668,10 +697,9 @@ impl Puller {
                     if msg.reply.is_none() {
                         continue; // a wake-up
                     }
-                    if for_current {
-                        self.current = None;
-                    }
-                    // A message for an older request is taken too: this thread is idle.
+                    // Messages keep their stream subject, so which request one answers cannot
+                    // be told; every request asks for one message, so it ends the one in flight.
+                    self.current = None;
                     return Ok(Some(Delivery::new(msg)));
                 }
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {

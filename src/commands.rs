@@ -28,19 +28,6 @@ pub fn new_call_id() -> String {
     )
 }
 
-fn spec(config: &Config) -> QueueSpec {
-    QueueSpec {
-        stream: config.stream.clone(),
-        subject: config.subject.clone(),
-        durable: config.durable.clone(),
-        replicas: config.replicas,
-        ack_wait: config.ack_wait,
-        max_inflight: config.max_inflight.get(),
-        max_waiting: (config.max_inflight.get() * 2).max(512),
-        max_ack_pending: config.max_ack_pending,
-    }
-}
-
 /// Enqueues `args.count` requests as the gateway would and prints their call ids.
 pub fn publish(config: &Config, args: &PublishArgs) -> Result<(), Error> {
     if !valid_function_name(&args.function) {
@@ -70,7 +57,7 @@ pub fn publish(config: &Config, args: &PublishArgs) -> Result<(), Error> {
         }
     };
     let broker = Broker::connect_once(&config.nats_urls, None)?;
-    broker.ensure(&spec(config))?;
+    broker.ensure(&QueueSpec::from(config))?;
     let mut ids = Vec::with_capacity(args.count);
     let messages: Vec<OutMessage> = (0..args.count)
         .map(|_| {

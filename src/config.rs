@@ -37,6 +37,8 @@ pub struct Config {
     pub subject: String,
     pub durable: String,
     pub replicas: usize,
+    /// Storage of a stream the worker creates.
+    pub storage: Storage,
     /// Base URL, no trailing slash.
     pub gateway_url: String,
     pub max_inflight: NonZeroUsize,
@@ -50,6 +52,15 @@ pub struct Config {
     pub metrics_port: u16,
     pub retry: RetryConfig,
     pub dead_letter_subject: Option<String>,
+}
+
+/// Where a stream created by the worker keeps its messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// On disk: survives a restart of the server (the default).
+    File,
+    /// In memory: lost with the server; for demos and throw-away queues.
+    Memory,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,6 +239,16 @@ impl Config {
             "a number of replicas from 1 to 5",
             |s| s.parse().ok().filter(|r| (1..=5).contains(r)),
         )?;
+        let storage = vars.parse(
+            "nats_stream_storage",
+            Storage::File,
+            "file or memory",
+            |s| match s.to_ascii_lowercase().as_str() {
+                "file" => Some(Storage::File),
+                "memory" => Some(Storage::Memory),
+                _ => None,
+            },
+        )?;
         let gateway_url = vars.parse(
             "gateway_url",
             DEFAULT_GATEWAY_URL.to_string(),
@@ -337,6 +358,7 @@ impl Config {
             subject,
             durable,
             replicas,
+            storage,
             gateway_url,
             max_inflight,
             max_ack_pending,
@@ -627,6 +649,7 @@ mod tests {
         assert_eq!(c.subject, "faas-request");
         assert_eq!(c.durable, "faas-workers");
         assert_eq!(c.replicas, 1);
+        assert_eq!(c.storage, Storage::File);
         assert_eq!(c.gateway_url, "http://127.0.0.1:8080");
         assert_eq!(c.max_inflight.get(), 50);
         assert_eq!(c.max_ack_pending, 1000);
@@ -650,6 +673,7 @@ mod tests {
             ("queue_name", "slow-queue"),
             ("nats_durable", "slow-workers"),
             ("nats_stream_replicas", "3"),
+            ("nats_stream_storage", "memory"),
             ("gateway_url", "http://gateway.openfaas:8080/"),
             ("max_inflight", "512"),
             ("max_ack_pending", "2000"),
@@ -674,6 +698,7 @@ mod tests {
         );
         assert_eq!(c.durable, "slow-workers");
         assert_eq!(c.replicas, 3);
+        assert_eq!(c.storage, Storage::Memory);
         assert_eq!(c.gateway_url, "http://gateway.openfaas:8080");
         assert_eq!(c.max_inflight.get(), 512);
         assert_eq!(c.max_ack_pending, 2000);
@@ -735,6 +760,7 @@ mod tests {
             ("nats_durable", "a b"),
             ("queue_name", "faas.*"),
             ("nats_stream_replicas", "0"),
+            ("nats_stream_storage", "disk"),
             ("gateway_url", "gateway:8080"),
             ("gateway_url", "http://"),
             ("log_encoding", "xml"),

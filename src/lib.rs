@@ -195,16 +195,7 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> Result<(), Error> {
     health.set_connected(true);
     log::info!("connected to NATS at {}", config.nats_urls.join(","));
 
-    let spec = QueueSpec {
-        stream: config.stream.clone(),
-        subject: config.subject.clone(),
-        durable: config.durable.clone(),
-        replicas: config.replicas,
-        ack_wait: config.ack_wait,
-        max_inflight: config.max_inflight.get(),
-        max_waiting: (config.max_inflight.get() * 2).max(512),
-        max_ack_pending: config.max_ack_pending,
-    };
+    let spec = QueueSpec::from(&config);
     let bound = broker.ensure(&spec)?;
     for warning in &bound.warnings {
         log::warn!("{warning}");
@@ -361,6 +352,23 @@ impl Drop for PanicGuard {
                 "{} panicked",
                 thread::current().name().unwrap_or("a thread")
             ));
+        }
+    }
+}
+
+impl From<&Config> for QueueSpec {
+    fn from(config: &Config) -> QueueSpec {
+        QueueSpec {
+            stream: config.stream.clone(),
+            subject: config.subject.clone(),
+            durable: config.durable.clone(),
+            replicas: config.replicas,
+            memory_storage: config.storage == config::Storage::Memory,
+            ack_wait: config.ack_wait,
+            max_inflight: config.max_inflight.get(),
+            // Room for every worker's pull, twice over for the moments after a reconnect.
+            max_waiting: (config.max_inflight.get() * 2).max(512),
+            max_ack_pending: config.max_ack_pending,
         }
     }
 }

