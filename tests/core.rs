@@ -54,7 +54,11 @@ fn creates_stream_and_consumer_with_the_documented_settings() {
     let c = consumer_info(&nc, STREAM, DURABLE).config;
     assert_eq!(c.ack_policy, nats::jetstream::AckPolicy::Explicit);
     assert_eq!(c.ack_wait, SECS(7));
-    assert!(c.max_deliver <= 0, "unlimited deliveries: {}", c.max_deliver);
+    assert!(
+        c.max_deliver <= 0,
+        "unlimited deliveries: {}",
+        c.max_deliver
+    );
     assert!(c.max_waiting >= 8, "max_waiting {}", c.max_waiting);
     assert_eq!(c.max_ack_pending, 1000);
     assert!(c.deliver_subject.is_none(), "a pull consumer");
@@ -96,7 +100,10 @@ fn invokes_every_gateway_message_layout() {
     }
     // Queued headers travel, multi-valued ones too.
     let multi = seen.iter().find(|s| s.url == "/function/resize/").unwrap();
-    assert_eq!(multi.header_all("Accept"), vec!["text/html", "application/json"]);
+    assert_eq!(
+        multi.header_all("Accept"),
+        vec!["text/html", "application/json"]
+    );
     assert_eq!(multi.header("X-Call-Id"), Some("3333"));
     wait_until(SECS(10), "every message acked", || {
         stream_messages(&nc, STREAM) == 0
@@ -170,7 +177,11 @@ fn a_failed_callback_does_not_hold_the_queue() {
     worker.wait_ready(SECS(10));
     let nc = connect(&nats.url());
     let nowhere = format!("http://127.0.0.1:{}/cb", free_port());
-    publish_json(&nc, STREAM, &with_callback(gateway_request("a", b""), &nowhere));
+    publish_json(
+        &nc,
+        STREAM,
+        &with_callback(gateway_request("a", b""), &nowhere),
+    );
     publish_json(&nc, STREAM, &gateway_request("b", b""));
     let seen = function.wait_for_count(2, SECS(10));
     assert_eq!(seen[1].path(), "/function/b/");
@@ -196,7 +207,12 @@ fn a_long_invocation_with_a_short_ack_wait_runs_once() {
     let info = consumer_info(&nc, STREAM, DURABLE);
     assert_eq!(info.num_ack_pending, 0);
     assert_eq!(info.num_redelivered, 0);
-    assert_eq!(function.count(), 1, "invoked once: {:?}", function.requests());
+    assert_eq!(
+        function.count(),
+        1,
+        "invoked once: {:?}",
+        function.requests()
+    );
 }
 
 #[test]
@@ -220,11 +236,9 @@ fn bad_messages_are_terminated_logged_and_counted() {
     }
     publish_json(&nc, STREAM, &gateway_request("good", b""));
     function.wait_for_count(1, SECS(10));
-    worker.wait_metric(
-        "queue_worker_malformed_messages_total",
-        SECS(10),
-        |v| v == 4.0,
-    );
+    worker.wait_metric("queue_worker_malformed_messages_total", SECS(10), |v| {
+        v == 4.0
+    });
     wait_until(SECS(10), "bad messages gone from the stream", || {
         stream_messages(&nc, STREAM) == 0
     });
@@ -252,9 +266,15 @@ fn sigterm_drains_in_flight_invocations_then_exits_0() {
     worker.wait_ready(SECS(10));
     let nc = connect(&nats.url());
     for i in 0..3 {
-        publish_json(&nc, STREAM, &gateway_request("slow", format!("{i}").as_bytes()));
+        publish_json(
+            &nc,
+            STREAM,
+            &gateway_request("slow", format!("{i}").as_bytes()),
+        );
     }
-    wait_until(SECS(10), "3 invocations running", || function.in_flight() == 3);
+    wait_until(SECS(10), "3 invocations running", || {
+        function.in_flight() == 3
+    });
     worker.signal("TERM");
     wait_until(SECS(5), "readyz 503 while draining", || {
         matches!(worker.try_get("/readyz"), Ok((503, _)) | Err(_))
@@ -277,7 +297,9 @@ fn drain_timeout_hands_unfinished_work_back() {
     worker.wait_ready(SECS(10));
     let nc = connect(&nats.url());
     publish_json(&nc, STREAM, &gateway_request("stuck", b""));
-    wait_until(SECS(10), "the invocation running", || function.in_flight() == 1);
+    wait_until(SECS(10), "the invocation running", || {
+        function.in_flight() == 1
+    });
     let t = Instant::now();
     worker.signal("TERM");
     assert!(worker.wait_exit(SECS(10)).success());
@@ -297,7 +319,9 @@ fn a_second_signal_exits_at_once() {
     worker.wait_ready(SECS(10));
     let nc = connect(&nats.url());
     publish_json(&nc, STREAM, &gateway_request("stuck", b""));
-    wait_until(SECS(10), "the invocation running", || function.in_flight() == 1);
+    wait_until(SECS(10), "the invocation running", || {
+        function.in_flight() == 1
+    });
     worker.signal("TERM");
     worker.wait_log("shutting down", SECS(5));
     worker.signal("INT");
@@ -368,8 +392,16 @@ fn waits_for_nats_and_uses_an_existing_stream_and_consumer() {
         .filter(|l| l["level"] == "warn")
         .map(|l| l["msg"].as_str().unwrap().to_string())
         .collect();
-    assert!(warnings.iter().any(|w| w.contains("limits deliveries to 5")), "{warnings:?}");
-    assert!(warnings.iter().any(|w| w.contains("1 waiting pulls")), "{warnings:?}");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("limits deliveries to 5")),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings.iter().any(|w| w.contains("1 waiting pulls")),
+        "{warnings:?}"
+    );
     let nc = connect(&nats.url());
     publish_json(&nc, "jobs.in", &gateway_request("f", b""));
     function.wait_for_count(1, SECS(10));
@@ -401,7 +433,13 @@ fn help_lists_the_variables_and_version_prints_it() {
     let out = run_cli(&["--help"], &[]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for var in ["max_inflight", "ack_wait", "upstream_timeout", "retry_http_codes", "[faas-request]"] {
+    for var in [
+        "max_inflight",
+        "ack_wait",
+        "upstream_timeout",
+        "retry_http_codes",
+        "[faas-request]",
+    ] {
         assert!(text.contains(var), "{var} missing from --help");
     }
     let out = run_cli(&["--version"], &[]);
@@ -421,12 +459,28 @@ fn publish_and_status_subcommands() {
     let cb = format!("{}/done", callbacks.url());
     let out = run_cli(
         &[
-            "publish", "figlet", "-d", "hello", "-H", "Content-Type: text/plain", "--path",
-            "/sub", "--query", "a=1&b=2", "--callback", &cb, "-n", "3",
+            "publish",
+            "figlet",
+            "-d",
+            "hello",
+            "-H",
+            "Content-Type: text/plain",
+            "--path",
+            "/sub",
+            "--query",
+            "a=1&b=2",
+            "--callback",
+            &cb,
+            "-n",
+            "3",
         ],
         &env,
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(String::from)
@@ -434,7 +488,11 @@ fn publish_and_status_subcommands() {
     assert_eq!(ids.len(), 3);
 
     let out = run_cli(&["status", "--json"], &env);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["messages"], 3);
     assert_eq!(status["pending"], 3);
@@ -447,7 +505,9 @@ fn publish_and_status_subcommands() {
         assert_eq!(s.url, "/function/figlet/sub?a=1&b=2");
         assert_eq!(s.body, b"hello");
         assert_eq!(s.header("Content-Type"), Some("text/plain"));
-        assert!(ids.iter().any(|id| Some(id.as_str()) == s.header("X-Call-Id")));
+        assert!(ids
+            .iter()
+            .any(|id| Some(id.as_str()) == s.header("X-Call-Id")));
     }
     callbacks.wait_for_count(3, SECS(10));
     wait_until(SECS(10), "the queue empty", || {
@@ -469,7 +529,11 @@ fn publish_reads_the_body_from_stdin() {
         Some(b"from stdin"),
         SECS(30),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let function = FunctionServer::echo();
     let worker = Worker::builder(nats.url(), function.url()).start();
     worker.wait_ready(SECS(10));
