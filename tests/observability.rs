@@ -1,0 +1,302 @@
+//! Metrics, probes and logs of a running worker: counts after a known run, the histogram, the
+//! function-label cap, JSON log lines, `/readyz` following NATS, and the dashboard and alert
+//! rules querying only metrics the worker exports.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+const STREAM: &str = "faas-request";
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+const Q: &str = "{queue_name=\"faas-request\"}";
+
+/// A run that touches every metric: successes, a 404, a retry, a give-up, callbacks that work
+/// and fail, a malformed message, a redelivery. Returns the worker and its metrics text.
+fn known_run(nats: &NatsServer) -> (Worker, FunctionServer, FunctionServer) {
+    let function = FunctionServer::from_fn(|s| match s.path() {
+        "/function/missing/" => Reply::status(404),
+        "/function/down/" => Reply::status(503),
+        _ => Reply::ok("ok").with_delay(Duration::from_millis(20)),
+    });
+    let callbacks = FunctionServer::ok();
+    let worker = Worker::builder(nats.url(), function.url())
+        .env("max_retry_attempts", "2")
+        .env("initial_retry_wait", "0s")
+        .start();
+    worker.wait_ready(SECS(10));
+    let nc = connect(&nats.url());
+    for _ in 0..5 {
+        publish_json(&nc, STREAM, &gateway_request("echo", b"secret-body"));
+    }
+    publish_json(&nc, STREAM, &gateway_request("missing", b""));
+    publish_json(
+        &nc,
+        STREAM,
+        &with_callback(gateway_request("down", b""), &callbacks.url()),
+    );
+    let nowhere = format!("http://127.0.0.1:{}/", free_port());
+    publish_json(
+        &nc,
+        STREAM,
+        &with_callback(gateway_request("echo", b""), &nowhere),
+    );
+    publish_raw(&nc, STREAM, b"not json");
+    worker.wait_metric(
+        &format!("queue_worker_messages_processed_total{Q}"),
+        SECS(15),
+        |v| v == 8.0,
+    );
+    wait_until(SECS(10), "the stream empty", || {
+        stream_messages(&nc, STREAM) == 0
+    });
+    (worker, function, callbacks)
+}
+
+#[test]
+fn metrics_count_a_known_run() {
+    let nats = NatsServer::start();
+    let (worker, _function, _callbacks) = known_run(&nats);
+    let m = |series: &str| {
+        worker
+            .metric(series)
+            .unwrap_or_else(|| panic!("no {series}"))
+    };
+    let e = "function_name=\"echo\"";
+    assert_eq!(
+        m(&format!(
+            "queue_worker_invocations_total{{code=\"200\",{e}}}"
+        )),
+        6.0
+    );
+    assert_eq!(
+        m("queue_worker_invocations_total{code=\"404\",function_name=\"missing\"}"),
+        1.0
+    );
+    assert_eq!(
+        m("queue_worker_invocations_total{code=\"503\",function_name=\"down\"}"),
+        2.0
+    );
+    assert_eq!(
+        m(&format!(
+            "queue_worker_invocation_duration_seconds_count{{code=\"200\",{e}}}"
+        )),
+        6.0
+    );
+    // Each echo took at least 20 ms: none falls in the 10 ms bucket, all in the 1 s one.
+    let bucket = |le: &str| {
+        m(&format!(
+            "queue_worker_invocation_duration_seconds_bucket{{code=\"200\",{e},le=\"{le}\"}}"
+        ))
+    };
+    assert_eq!(bucket("0.01"), 0.0);
+    assert_eq!(bucket("1"), 6.0);
+    assert!(
+        m(&format!(
+            "queue_worker_invocation_duration_seconds_sum{{code=\"200\",{e}}}"
+        )) >= 0.12
+    );
+    assert_eq!(m("queue_worker_retries_total{function_name=\"down\"}"), 1.0);
+    assert_eq!(
+        m("queue_worker_given_up_total{function_name=\"down\"}"),
+        1.0
+    );
+    assert_eq!(m("queue_worker_callbacks_total{result=\"ok\"}"), 1.0);
+    assert_eq!(m("queue_worker_callbacks_total{result=\"error\"}"), 1.0);
+    assert_eq!(m("queue_worker_malformed_messages_total"), 1.0);
+    assert_eq!(
+        m("queue_worker_redelivered_total"),
+        1.0,
+        "the retried message came back once"
+    );
+    assert_eq!(
+        m(&format!(
+            "queue_worker_function_invocation_inflight{{{e},queue_name=\"faas-request\"}}"
+        )),
+        0.0
+    );
+    assert_eq!(m("queue_worker_ready"), 1.0);
+    assert_eq!(m("queue_worker_nats_reconnect_total"), 0.0);
+    // Queue gauges come from the server every few seconds.
+    worker.wait_metric(
+        &format!("queue_worker_messages_submitted_total{Q}"),
+        SECS(15),
+        |v| v == 9.0,
+    );
+    worker.wait_metric(
+        &format!("queue_worker_pending_messages{Q}"),
+        SECS(15),
+        |v| v == 0.0,
+    );
+    worker.wait_metric(&format!("queue_worker_ack_pending{Q}"), SECS(15), |v| {
+        v == 0.0
+    });
+    for process in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_threads",
+    ] {
+        assert!(m(process) > 0.0, "{process}");
+    }
+    // The collector counts whole seconds of CPU: present, and zero for a short run.
+    assert!(m("process_cpu_seconds_total") >= 0.0);
+}
+
+#[test]
+fn function_labels_are_capped() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::ok();
+    let worker = Worker::builder(nats.url(), function.url())
+        .env("max_inflight", "16")
+        .start();
+    worker.wait_ready(SECS(10));
+    let nc = connect(&nats.url());
+    for i in 0..150 {
+        publish_json(&nc, STREAM, &gateway_request(&format!("fn-{i}"), b""));
+    }
+    worker.wait_metric(
+        &format!("queue_worker_messages_processed_total{Q}"),
+        SECS(20),
+        |v| v == 150.0,
+    );
+    let text = worker.metrics();
+    let labels: BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("queue_worker_invocations_total{"))
+        .filter_map(|l| l.split("function_name=\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(labels.len(), 101, "100 names and other: {labels:?}");
+    assert!(labels.contains("other"));
+    let other = worker
+        .metric("queue_worker_invocations_total{code=\"200\",function_name=\"other\"}")
+        .unwrap();
+    assert_eq!(other, 50.0);
+}
+
+#[test]
+fn json_logs_have_one_object_per_line_with_fields() {
+    let nats = NatsServer::start();
+    let (worker, _function, _callbacks) = known_run(&nats);
+    let lines = worker.log_lines_json();
+    assert!(lines.len() >= 10);
+    for l in &lines {
+        for key in ["ts", "level", "msg", "target"] {
+            assert!(l.get(key).is_some(), "{key} missing in {l}");
+        }
+        let ts = l["ts"].as_str().unwrap();
+        assert!(
+            ts.len() >= 20 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T',
+            "ts {ts}"
+        );
+    }
+    let invocations: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["msg"].as_str().unwrap().starts_with("invoked echo"))
+        .collect();
+    assert_eq!(invocations.len(), 6, "one line per finished invocation");
+    for l in invocations {
+        assert_eq!(l["level"], "info");
+        assert_eq!(l["function"], "echo");
+        assert_eq!(l["status"], 200);
+        assert!(l["duration_ms"].as_f64().unwrap() >= 20.0);
+        assert_eq!(l["attempt"], 1);
+        assert!(l["stream_seq"].as_u64().unwrap() >= 1);
+        assert_eq!(l["call_id"].as_str().unwrap().len(), 36);
+    }
+    assert!(
+        !worker.logs().contains("secret-body"),
+        "bodies stay out of logs"
+    );
+}
+
+#[test]
+fn bodies_are_logged_only_when_asked() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::from_fn(|_| Reply::ok("response-text"));
+    let worker = Worker::builder(nats.url(), function.url())
+        .env("print_request_body", "true")
+        .env("print_response_body", "true")
+        .start();
+    worker.wait_ready(SECS(10));
+    let nc = connect(&nats.url());
+    publish_json(&nc, STREAM, &gateway_request("f", b"request-text"));
+    worker.wait_log("response-text", SECS(10));
+    assert!(worker.logs().contains("request-text"));
+}
+
+#[test]
+fn console_logs_are_plain_text_without_colours_off_a_terminal() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::ok();
+    let worker = Worker::builder(nats.url(), function.url())
+        .env("log_encoding", "console")
+        .env("debug", "true")
+        .start();
+    worker.wait_ready(SECS(10));
+    let logs = worker.logs();
+    assert!(logs.contains(" INFO  ready in"), "{logs}");
+    assert!(!logs.contains('\u{1b}'), "no colour codes in a file");
+}
+
+#[test]
+fn readyz_follows_the_nats_connection() {
+    let mut nats = NatsServer::start();
+    let function = FunctionServer::ok();
+    let worker = Worker::builder(nats.url(), function.url()).start();
+    worker.wait_ready(SECS(10));
+    assert_eq!(worker.get("/healthz").0, 200);
+    nats.stop();
+    wait_until(SECS(10), "readyz 503", || worker.get("/readyz").0 == 503);
+    let (_, reason) = worker.get("/readyz");
+    assert!(reason.contains("NATS"), "{reason}");
+    assert_eq!(worker.get("/healthz").0, 200, "alive while NATS is down");
+    nats.restart();
+    worker.wait_ready(SECS(20));
+    worker.wait_metric("queue_worker_nats_reconnect_total", SECS(5), |v| v >= 1.0);
+    // And it still works after the reconnect.
+    let nc = connect(&nats.url());
+    publish_json(&nc, STREAM, &gateway_request("after", b""));
+    function.wait_for_count(1, SECS(10));
+}
+
+#[test]
+fn dashboard_and_alerts_query_only_exported_metrics() {
+    let nats = NatsServer::start();
+    let (worker, _function, _callbacks) = known_run(&nats);
+    let exported: BTreeSet<String> = worker
+        .metrics()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap().to_string())
+        .collect();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts");
+    let mut used = BTreeSet::new();
+    for file in [
+        "grafana/queue-worker-dashboard.json",
+        "prometheus/alerts.yaml",
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("queue_worker_") {
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            rest = &rest[i + name.len()..];
+            used.insert((file, name));
+        }
+    }
+    assert!(
+        used.len() >= 10,
+        "the files query queue_worker metrics: {used:?}"
+    );
+    for (file, name) in &used {
+        assert!(
+            exported.contains(name),
+            "{file} queries {name}, which the worker does not export"
+        );
+    }
+}
