@@ -46,7 +46,7 @@ say "unit tests, and integration tests against $("$debian_nats" --version)"
 NATS_SERVER_BIN="$debian_nats" cargo test --locked -- "${filter[@]}"
 
 say "integration tests against $("$newest_nats" --version)"
-NATS_SERVER_BIN="$newest_nats" cargo test --locked --tests --test '*' -- "${filter[@]}"
+NATS_SERVER_BIN="$newest_nats" cargo test --locked --test '*' -- "${filter[@]}"
 
 if [ ${#filter[@]} -eq 0 ]; then
   say "deployment files"
