@@ -248,7 +248,7 @@ run_worker_until() {
     if ((last_us > first_us)); then
         record "$case" per_sec_first msg/s "$(calc "$n / (($last_us - $first_us) / 1e6)")"
     fi
-    if ((first_us < READY_US)); then
+    if ((READY_US - first_us > 1000)); then
         log "bench: $case: first call $(((READY_US - first_us) / 1000)) ms before ready"
     fi
     record "$case" hwm_mib MiB "$(calc "$HWM_KB / 1024")"

@@ -200,6 +200,7 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> Result<(), Error> {
     for warning in &bound.warnings {
         log::warn!("{warning}");
     }
+    health.set_bound(true);
     if let Ok(s) = broker.queue_state(&spec.stream, &spec.durable) {
         metrics.observe_queue(s.messages, s.last_seq, s.pending, s.ack_pending);
     }
@@ -210,8 +211,8 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> Result<(), Error> {
         .collect::<Result<Vec<_>, _>>()?;
     let (timer, timer_handle) = Timer::spawn(bound.ack_wait).map_err(Error::Spawn)?;
     let stop = Arc::new(AtomicBool::new(false));
+    let resolver = invoke::CachingResolver::default();
     let shared = Arc::new(worker::Shared {
-        invoker: invoke::Invoker::new(&config),
         timer: timer.clone(),
         metrics: metrics.clone(),
         broker: broker.clone(),
@@ -222,12 +223,13 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> Result<(), Error> {
     for (i, puller) in pullers.into_iter().enumerate() {
         let shared = shared.clone();
         let fatal = fatal_tx.clone();
+        let invoker = invoke::Invoker::new(&config, &resolver);
         let spawned = thread::Builder::new()
             .name(format!("worker-{i}"))
             .stack_size(WORKER_STACK)
             .spawn(move || {
                 let _guard = PanicGuard(fatal.clone());
-                if let Err(e) = worker::run(&shared, puller) {
+                if let Err(e) = worker::run(&shared, puller, invoker) {
                     let _ = fatal.try_send(format!("worker {i}: {e}"));
                 }
             });
@@ -262,7 +264,6 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> Result<(), Error> {
             })
             .map_err(Error::Spawn)?
     };
-    health.set_bound(true);
     log::info!(
         "ready in {} ms: {} worker(s) pulling {}/{} (subject {}), invoking {}",
         started.elapsed().as_millis(),

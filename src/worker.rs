@@ -15,7 +15,6 @@ use crate::timer::{LeaseId, Timer};
 /// What every worker thread shares.
 pub struct Shared {
     pub config: Config,
-    pub invoker: Invoker,
     pub timer: Timer,
     pub metrics: Arc<Metrics>,
     pub broker: Arc<Broker>,
@@ -23,10 +22,11 @@ pub struct Shared {
 }
 
 /// The loop of one worker thread; returns when stopped or when the connection is closed.
-pub fn run(shared: &Shared, mut puller: Puller) -> Result<(), BrokerError> {
+pub fn run(shared: &Shared, mut puller: Puller, invoker: Invoker) -> Result<(), BrokerError> {
+    let s = Thread { shared, invoker };
     loop {
         match puller.next(&shared.stop) {
-            Ok(Some(delivery)) => handle(shared, delivery),
+            Ok(Some(delivery)) => handle(&s, delivery),
             Ok(None) => return Ok(()),
             Err(_) if shared.stop.load(Ordering::SeqCst) => return Ok(()),
             Err(e) => return Err(e),
@@ -34,8 +34,22 @@ pub fn run(shared: &Shared, mut puller: Puller) -> Result<(), BrokerError> {
     }
 }
 
+/// What one worker thread works with: the shared state and its own HTTP client.
+struct Thread<'a> {
+    shared: &'a Shared,
+    invoker: Invoker,
+}
+
+impl std::ops::Deref for Thread<'_> {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        self.shared
+    }
+}
+
 /// Handles one delivered message to the end: it is acked, terminated, or held for a retry.
-fn handle(s: &Shared, delivery: Delivery) {
+fn handle(s: &Thread<'_>, delivery: Delivery) {
     let Delivery {
         data,
         ack,
@@ -142,7 +156,7 @@ fn failed_reply() -> Reply {
     }
 }
 
-fn log_attempt(s: &Shared, job: &Job<'_>, reply: &Reply) {
+fn log_attempt(s: &Thread<'_>, job: &Job<'_>, reply: &Reply) {
     let duration_ms = (reply.duration.as_secs_f64() * 1e6).round() / 1e3;
     let function = job.req.function.as_str();
     match &reply.error {
@@ -162,7 +176,7 @@ fn log_attempt(s: &Shared, job: &Job<'_>, reply: &Reply) {
     }
 }
 
-fn callback(s: &Shared, job: &Job<'_>, reply: &Reply) {
+fn callback(s: &Thread<'_>, job: &Job<'_>, reply: &Reply) {
     let Some(url) = job.req.callback_url.as_deref() else {
         return;
     };
@@ -182,7 +196,7 @@ fn callback(s: &Shared, job: &Job<'_>, reply: &Reply) {
 }
 
 /// The last attempt failed: tell the callback, publish a dead letter, and ack.
-fn give_up(s: &Shared, job: &Job<'_>, reply: &Reply, original: Option<Vec<u8>>) {
+fn give_up(s: &Thread<'_>, job: &Job<'_>, reply: &Reply, original: Option<Vec<u8>>) {
     s.metrics.gave_up(&job.label);
     let error = reply
         .error
@@ -233,7 +247,7 @@ fn give_up(s: &Shared, job: &Job<'_>, reply: &Reply, original: Option<Vec<u8>>) 
 }
 
 /// Acks a finished message, unless the timer already handed it back at shutdown.
-fn finish(s: &Shared, job: &Job<'_>) {
+fn finish(s: &Thread<'_>, job: &Job<'_>) {
     s.metrics.processed.inc();
     if let Some(ack) = s.timer.release(job.lease) {
         if let Err(e) = ack.ack() {
