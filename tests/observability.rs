@@ -236,8 +236,8 @@ fn console_logs_are_plain_text_without_colours_off_a_terminal() {
         .env("debug", "true")
         .start();
     worker.wait_ready(SECS(10));
+    worker.wait_log(" INFO  ready in", SECS(10));
     let logs = worker.logs();
-    assert!(logs.contains(" INFO  ready in"), "{logs}");
     assert!(!logs.contains('\u{1b}'), "no colour codes in a file");
 }
 
