@@ -417,7 +417,7 @@ impl Broker {
         .expect("pull request serializes");
         Ok(Puller {
             nc: self.nc.clone(),
-            flush: self.flusher.kick.clone(),
+            flush: self.flusher.handle(),
             sub,
             prefix,
             pull_subject: format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", spec.stream, spec.durable),
@@ -544,11 +544,38 @@ enum Kick {
 ///
 /// The client holds what is published for up to 5 ms unless told to flush, and its flush
 /// sends a PING and spins (`sched_yield`) until the PONG: one flush per pull from every worker
-/// thread took a quarter of the worker's CPU at max_inflight 100. Pullers kick this thread
-/// instead; kicks that arrive while a flush is under way are served by the next one.
+/// thread took a quarter of the worker's CPU at max_inflight 100. While one flush is under way,
+/// pullers kick this thread instead; kicks that arrive meanwhile are served by one flush.
 struct Flusher {
     kick: Sender<Kick>,
+    /// Set while some thread waits for a PONG.
+    busy: Arc<AtomicBool>,
     handle: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// How a puller gets its pull request sent.
+struct FlushHandle {
+    kick: Sender<Kick>,
+    busy: Arc<AtomicBool>,
+}
+
+impl FlushHandle {
+    /// When no other thread is flushing (always so at max_inflight 1), flush here and save a
+    /// thread hand-off; otherwise leave it to the flusher thread, so that only one thread at a
+    /// time waits for a PONG.
+    fn flush(&self, nc: &nats::Connection) {
+        if self
+            .busy
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            let _ = nc.flush_timeout(FLUSH_TIMEOUT);
+            self.busy.store(false, Ordering::Release);
+        } else {
+            // A full channel means a flush is already due, which sends this request too.
+            let _ = self.kick.try_send(Kick::Flush);
+        }
+    }
 }
 
 impl Flusher {
@@ -565,8 +592,17 @@ impl Flusher {
             })?;
         Ok(Flusher {
             kick,
+            busy: Arc::new(AtomicBool::new(false)),
             handle: Mutex::new(Some(handle)),
         })
+    }
+
+    /// A handle for one puller.
+    fn handle(&self) -> FlushHandle {
+        FlushHandle {
+            kick: self.kick.clone(),
+            busy: self.busy.clone(),
+        }
     }
 
     fn stop(&self) {
@@ -707,7 +743,7 @@ fn status_of(msg: &nats::Message) -> Option<&str> {
 /// while its ack window runs.
 pub struct Puller {
     nc: nats::Connection,
-    flush: Sender<Kick>,
+    flush: FlushHandle,
     sub: nats::Subscription,
     prefix: String,
     pull_subject: String,
@@ -773,9 +809,8 @@ impl Puller {
         self.nc
             .publish_with_reply_or_headers(&self.pull_subject, Some(&reply), None, &self.request)
             .map_err(|_| BrokerError::Closed)?;
-        // Without a flush the client holds the request for up to 5 ms. A full channel means a
-        // flush is already due, which sends this request too.
-        let _ = self.flush.try_send(Kick::Flush);
+        // Without a flush the client holds the request for up to 5 ms.
+        self.flush.flush(&self.nc);
         let current = (self.seq, Instant::now() + PULL_EXPIRES + PULL_MARGIN);
         self.current = Some(current);
         Ok(current)

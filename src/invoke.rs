@@ -74,8 +74,12 @@ impl Reply {
     }
 }
 
-/// Input and output buffer of each HTTP connection; also the largest response head.
-const BUFFER_SIZE: usize = 16 * 1024;
+/// The largest response head, and the output buffer of each HTTP connection (which bounds the
+/// longest request header line). Every worker thread keeps one connection: 512 threads with
+/// ureq's default 2 x 128 KiB buffers would hold 128 MiB.
+const MAX_HEAD: usize = 8 * 1024;
+/// The input buffer must exceed the head limit, or ureq reports a longer head as a disconnect.
+const INPUT_BUFFER: usize = MAX_HEAD + 4 * 1024;
 
 /// How long a resolved host name is reused.
 const DNS_TTL: Duration = Duration::from_secs(5);
@@ -196,11 +200,9 @@ impl Invoker {
                 .max_idle_connections(2)
                 .max_idle_connections_per_host(1)
                 .allow_non_standard_methods(true)
-                // ureq keeps two 128 KiB buffers per pooled connection by default: 25 MiB at
-                // max_inflight 100. Bodies stream through; a response head must fit the input.
-                .input_buffer_size(BUFFER_SIZE)
-                .output_buffer_size(BUFFER_SIZE)
-                .max_response_header_size(BUFFER_SIZE)
+                .input_buffer_size(INPUT_BUFFER)
+                .output_buffer_size(MAX_HEAD)
+                .max_response_header_size(MAX_HEAD)
                 .build();
             ureq::Agent::with_parts(config, DefaultConnector::default(), resolver.clone())
         };
@@ -286,6 +288,10 @@ impl Invoker {
                 } else {
                     Outcome::Done(reply)
                 }
+            }
+            // The function answered; another attempt gets the same oversized head.
+            Err(e @ ureq::Error::LargeResponseHeader(..)) => {
+                Outcome::Permanent(Reply::failed(describe(&e), started.elapsed()))
             }
             Err(e) => Outcome::Retry {
                 reply: Reply::failed(describe(&e), started.elapsed()),

@@ -42,37 +42,60 @@ pub fn init(config: &LogConfig) {
     let _ = builder.try_init();
 }
 
+/// One JSON object a line, written straight into the buffer (no intermediate map): the worker
+/// logs every invocation, so this is on the hot path.
 fn format_json(buf: &mut Formatter, record: &log::Record<'_>) -> std::io::Result<()> {
-    let mut line = serde_json::Map::new();
-    line.insert("ts".into(), buf.timestamp_millis().to_string().into());
-    line.insert(
-        "level".into(),
-        record.level().as_str().to_lowercase().into(),
-    );
-    line.insert("msg".into(), record.args().to_string().into());
-    line.insert("target".into(), record.target().into());
-    let mut fields = JsonFields(&mut line);
-    let _ = record.key_values().visit(&mut fields);
-    let text = serde_json::to_string(&line).map_err(std::io::Error::other)?;
-    writeln!(buf, "{text}")
+    let mut line = Vec::with_capacity(256);
+    write!(line, "{{\"ts\":\"{}\",\"level\":\"", buf.timestamp_millis())?;
+    line.extend_from_slice(level_name(record.level()).as_bytes());
+    line.extend_from_slice(b"\",\"msg\":");
+    match record.args().as_str() {
+        Some(text) => json_string(&mut line, text),
+        None => json_string(&mut line, &record.args().to_string()),
+    }
+    line.extend_from_slice(b",\"target\":");
+    json_string(&mut line, record.target());
+    let _ = record.key_values().visit(&mut JsonFields(&mut line));
+    line.extend_from_slice(b"}\n");
+    buf.write_all(&line)
 }
 
-struct JsonFields<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
+fn level_name(level: log::Level) -> &'static str {
+    match level {
+        log::Level::Error => "error",
+        log::Level::Warn => "warn",
+        log::Level::Info => "info",
+        log::Level::Debug => "debug",
+        log::Level::Trace => "trace",
+    }
+}
+
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+struct JsonFields<'a>(&'a mut Vec<u8>);
 
 impl<'kvs> VisitSource<'kvs> for JsonFields<'_> {
     fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), log::kv::Error> {
-        let v = if let Some(n) = value.to_u64() {
-            n.into()
+        let out = &mut *self.0;
+        out.push(b',');
+        json_string(out, key.as_str());
+        out.push(b':');
+        if let Some(n) = value.to_u64() {
+            let _ = write!(out, "{n}");
         } else if let Some(n) = value.to_i64() {
-            n.into()
-        } else if let Some(f) = value.to_f64() {
-            f.into()
+            let _ = write!(out, "{n}");
+        } else if let Some(f) = value.to_f64().filter(|f| f.is_finite()) {
+            let _ = write!(out, "{f}");
         } else if let Some(b) = value.to_bool() {
-            b.into()
+            let _ = write!(out, "{b}");
+        } else if let Some(text) = value.to_borrowed_str() {
+            json_string(out, text);
         } else {
-            value.to_string().into()
-        };
-        self.0.insert(key.as_str().to_string(), v);
+            json_string(out, &value.to_string());
+        }
         Ok(())
     }
 }

@@ -539,3 +539,25 @@ fn publish_reads_the_body_from_stdin() {
     worker.wait_ready(SECS(10));
     assert_eq!(function.wait_for_count(1, SECS(10))[0].body, b"from stdin");
 }
+
+#[test]
+fn an_oversized_response_head_is_not_retried() {
+    let nats = NatsServer::start();
+    let big = "x".repeat(10 * 1024);
+    let function = FunctionServer::from_fn(move |_| Reply::ok("").with_header("X-Big", &big));
+    let callbacks = FunctionServer::ok();
+    let worker = Worker::builder(nats.url(), function.url())
+        .env("initial_retry_wait", "0s")
+        .start();
+    worker.wait_ready(SECS(10));
+    let nc = connect(&nats.url());
+    publish_json(
+        &nc,
+        STREAM,
+        &with_callback(gateway_request("chatty", b""), &callbacks.url()),
+    );
+    let cb = &callbacks.wait_for_count(1, SECS(10))[0];
+    assert!(cb.header("X-Function-Error").is_some(), "{cb:?}");
+    wait_until(SECS(5), "acked", || stream_messages(&nc, STREAM) == 0);
+    assert_eq!(function.count(), 1);
+}
