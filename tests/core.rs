@@ -37,11 +37,11 @@ fn go_json(v: &Value) -> Vec<u8> {
 fn creates_stream_and_consumer_with_the_documented_settings() {
     let nats = NatsServer::start();
     let function = FunctionServer::ok();
-    let worker = Worker::builder(nats.url(), function.url())
-        .env("max_inflight", "8")
-        .env("ack_wait", "7s")
-        .start();
-    worker.wait_ready(SECS(10));
+    let _worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[("max_inflight", "8"), ("ack_wait", "7s")],
+    );
     let nc = connect(&nats.url());
     let stream = jetstream(&nc).stream_info(STREAM).unwrap();
     assert_eq!(stream.config.subjects, vec![STREAM.to_string()]);
@@ -72,8 +72,7 @@ fn creates_stream_and_consumer_with_the_documented_settings() {
 fn invokes_every_gateway_message_layout() {
     let nats = NatsServer::start();
     let function = FunctionServer::echo();
-    let worker = Worker::builder(nats.url(), function.url()).start();
-    worker.wait_ready(SECS(10));
+    let _worker = Worker::start_ready(nats.url(), function.url(), &[]);
     let nc = connect(&nats.url());
     let cases = vectors();
     for case in &cases {
@@ -125,8 +124,7 @@ fn callback_gets_the_result_with_openfaas_headers() {
             .with_header("X-Custom", "kept")
     });
     let callbacks = FunctionServer::ok();
-    let worker = Worker::builder(nats.url(), function.url()).start();
-    worker.wait_ready(SECS(10));
+    let _worker = Worker::start_ready(nats.url(), function.url(), &[]);
     let nc = connect(&nats.url());
     let req = with_callback(
         gateway_request("printer", b"hi"),
@@ -152,10 +150,7 @@ fn callback_reports_503_when_the_function_cannot_be_reached() {
     let nats = NatsServer::start();
     let callbacks = FunctionServer::ok();
     let closed = format!("http://127.0.0.1:{}", free_port());
-    let worker = Worker::builder(nats.url(), closed)
-        .env("max_retry_attempts", "1")
-        .start();
-    worker.wait_ready(SECS(10));
+    let _worker = Worker::start_ready(nats.url(), closed, &[("max_retry_attempts", "1")]);
     let nc = connect(&nats.url());
     publish_json(
         &nc,
@@ -171,10 +166,7 @@ fn callback_reports_503_when_the_function_cannot_be_reached() {
 fn a_failed_callback_does_not_hold_the_queue() {
     let nats = NatsServer::start();
     let function = FunctionServer::ok();
-    let worker = Worker::builder(nats.url(), function.url())
-        .env("max_inflight", "1")
-        .start();
-    worker.wait_ready(SECS(10));
+    let worker = Worker::start_ready(nats.url(), function.url(), &[("max_inflight", "1")]);
     let nc = connect(&nats.url());
     let nowhere = format!("http://127.0.0.1:{}/cb", free_port());
     publish_json(
@@ -193,11 +185,11 @@ fn a_failed_callback_does_not_hold_the_queue() {
 fn a_long_invocation_with_a_short_ack_wait_runs_once() {
     let nats = NatsServer::start();
     let function = FunctionServer::echo_with_delay(Duration::from_millis(3500));
-    let worker = Worker::builder(nats.url(), function.url())
-        .env("ack_wait", "1s")
-        .env("upstream_timeout", "10s")
-        .start();
-    worker.wait_ready(SECS(10));
+    let _worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[("ack_wait", "1s"), ("upstream_timeout", "10s")],
+    );
     let nc = connect(&nats.url());
     publish_json(&nc, STREAM, &gateway_request("slow", b"x"));
     function.wait_for_count(1, SECS(5));
@@ -219,10 +211,7 @@ fn a_long_invocation_with_a_short_ack_wait_runs_once() {
 fn bad_messages_are_terminated_logged_and_counted() {
     let nats = NatsServer::start();
     let function = FunctionServer::ok();
-    let worker = Worker::builder(nats.url(), function.url())
-        .env("max_inflight", "2")
-        .start();
-    worker.wait_ready(SECS(10));
+    let worker = Worker::start_ready(nats.url(), function.url(), &[("max_inflight", "2")]);
     let nc = connect(&nats.url());
     let bad: Vec<Vec<u8>> = vec![
         b"{not json".to_vec(),
@@ -260,10 +249,7 @@ fn bad_messages_are_terminated_logged_and_counted() {
 fn sigterm_drains_in_flight_invocations_then_exits_0() {
     let nats = NatsServer::start();
     let function = FunctionServer::echo_with_delay(Duration::from_millis(1500));
-    let worker = Worker::builder(nats.url(), function.url())
-        .env("max_inflight", "3")
-        .start();
-    worker.wait_ready(SECS(10));
+    let worker = Worker::start_ready(nats.url(), function.url(), &[("max_inflight", "3")]);
     let nc = connect(&nats.url());
     for i in 0..3 {
         publish_json(
@@ -290,11 +276,11 @@ fn sigterm_drains_in_flight_invocations_then_exits_0() {
 fn drain_timeout_hands_unfinished_work_back() {
     let nats = NatsServer::start();
     let function = FunctionServer::echo_with_delay(SECS(30));
-    let worker = Worker::builder(nats.url(), function.url())
-        .env("drain_timeout", "500ms")
-        .env("ack_wait", "60s")
-        .start();
-    worker.wait_ready(SECS(10));
+    let worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[("drain_timeout", "500ms"), ("ack_wait", "60s")],
+    );
     let nc = connect(&nats.url());
     publish_json(&nc, STREAM, &gateway_request("stuck", b""));
     wait_until(SECS(10), "the invocation running", || {
@@ -306,8 +292,7 @@ fn drain_timeout_hands_unfinished_work_back() {
     assert!(t.elapsed() < SECS(5), "exit took {:?}", t.elapsed());
     // Handed back (nak), not left to the 60 s ack wait: another worker gets it now.
     let again = FunctionServer::ok();
-    let second = Worker::builder(nats.url(), again.url()).start();
-    second.wait_ready(SECS(10));
+    let _second = Worker::start_ready(nats.url(), again.url(), &[]);
     again.wait_for_count(1, SECS(10));
 }
 
@@ -315,8 +300,7 @@ fn drain_timeout_hands_unfinished_work_back() {
 fn a_second_signal_exits_at_once() {
     let nats = NatsServer::start();
     let function = FunctionServer::echo_with_delay(SECS(30));
-    let worker = Worker::builder(nats.url(), function.url()).start();
-    worker.wait_ready(SECS(10));
+    let worker = Worker::start_ready(nats.url(), function.url(), &[]);
     let nc = connect(&nats.url());
     publish_json(&nc, STREAM, &gateway_request("stuck", b""));
     wait_until(SECS(10), "the invocation running", || {
@@ -333,10 +317,7 @@ fn a_second_signal_exits_at_once() {
 fn a_message_published_to_an_idle_worker_runs_at_once() {
     let nats = NatsServer::start();
     let function = FunctionServer::ok();
-    let worker = Worker::builder(nats.url(), function.url())
-        .env("max_inflight", "2")
-        .start();
-    worker.wait_ready(SECS(10));
+    let _worker = Worker::start_ready(nats.url(), function.url(), &[("max_inflight", "2")]);
     let nc = connect(&nats.url());
     // Each round leaves the workers idle with a fresh pull; the next message must not wait
     // for that pull to expire (30 s).
@@ -498,8 +479,7 @@ fn publish_and_status_subcommands() {
     assert_eq!(status["pending"], 3);
     assert_eq!(status["stream"], STREAM);
 
-    let worker = Worker::builder(nats.url(), function.url()).start();
-    worker.wait_ready(SECS(10));
+    let _worker = Worker::start_ready(nats.url(), function.url(), &[]);
     let seen = function.wait_for_count(3, SECS(10));
     for s in &seen {
         assert_eq!(s.url, "/function/figlet/sub?a=1&b=2");
@@ -535,8 +515,7 @@ fn publish_reads_the_body_from_stdin() {
         String::from_utf8_lossy(&out.stderr)
     );
     let function = FunctionServer::echo();
-    let worker = Worker::builder(nats.url(), function.url()).start();
-    worker.wait_ready(SECS(10));
+    let _worker = Worker::start_ready(nats.url(), function.url(), &[]);
     assert_eq!(function.wait_for_count(1, SECS(10))[0].body, b"from stdin");
 }
 
@@ -546,10 +525,7 @@ fn an_oversized_response_head_is_not_retried() {
     let big = "x".repeat(10 * 1024);
     let function = FunctionServer::from_fn(move |_| Reply::ok("").with_header("X-Big", &big));
     let callbacks = FunctionServer::ok();
-    let worker = Worker::builder(nats.url(), function.url())
-        .env("initial_retry_wait", "0s")
-        .start();
-    worker.wait_ready(SECS(10));
+    let _worker = Worker::start_ready(nats.url(), function.url(), &[("initial_retry_wait", "0s")]);
     let nc = connect(&nats.url());
     publish_json(
         &nc,
@@ -558,6 +534,54 @@ fn an_oversized_response_head_is_not_retried() {
     );
     let cb = &callbacks.wait_for_count(1, SECS(10))[0];
     assert!(cb.header("X-Function-Error").is_some(), "{cb:?}");
+    wait_until(SECS(5), "acked", || stream_messages(&nc, STREAM) == 0);
+    assert_eq!(function.count(), 1);
+}
+
+#[test]
+fn upstream_timeout_ends_a_slow_invocation() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::echo_with_delay(SECS(20));
+    let callbacks = FunctionServer::ok();
+    let _worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[("upstream_timeout", "500ms"), ("max_retry_attempts", "1")],
+    );
+    let nc = connect(&nats.url());
+    let sent = Instant::now();
+    publish_json(
+        &nc,
+        STREAM,
+        &with_callback(gateway_request("sleepy", b""), &callbacks.url()),
+    );
+    let cb = &callbacks.wait_for_count(1, SECS(10))[0];
+    assert!(sent.elapsed() < SECS(5), "took {:?}", sent.elapsed());
+    assert_eq!(cb.header("X-Function-Status"), Some("503"));
+    assert!(cb.header("X-Function-Error").unwrap().contains("timed out"));
+}
+
+#[test]
+fn responses_above_max_response_bytes_fail_without_retry() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::from_fn(|_| Reply::ok(vec![b'x'; 5000]));
+    let callbacks = FunctionServer::ok();
+    let _worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[("max_response_bytes", "1000"), ("initial_retry_wait", "0s")],
+    );
+    let nc = connect(&nats.url());
+    publish_json(
+        &nc,
+        STREAM,
+        &with_callback(gateway_request("huge", b""), &callbacks.url()),
+    );
+    let cb = &callbacks.wait_for_count(1, SECS(10))[0];
+    assert!(cb
+        .header("X-Function-Error")
+        .unwrap()
+        .contains("max_response_bytes"));
     wait_until(SECS(5), "acked", || stream_messages(&nc, STREAM) == 0);
     assert_eq!(function.count(), 1);
 }

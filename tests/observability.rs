@@ -23,11 +23,11 @@ fn known_run(nats: &NatsServer) -> (Worker, FunctionServer, FunctionServer) {
         _ => Reply::ok("ok").with_delay(Duration::from_millis(20)),
     });
     let callbacks = FunctionServer::ok();
-    let worker = Worker::builder(nats.url(), function.url())
-        .env("max_retry_attempts", "2")
-        .env("initial_retry_wait", "0s")
-        .start();
-    worker.wait_ready(SECS(10));
+    let worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[("max_retry_attempts", "2"), ("initial_retry_wait", "0s")],
+    );
     let nc = connect(&nats.url());
     for _ in 0..5 {
         publish_json(&nc, STREAM, &gateway_request("echo", b"secret-body"));
@@ -149,10 +149,7 @@ fn metrics_count_a_known_run() {
 fn function_labels_are_capped() {
     let nats = NatsServer::start();
     let function = FunctionServer::ok();
-    let worker = Worker::builder(nats.url(), function.url())
-        .env("max_inflight", "16")
-        .start();
-    worker.wait_ready(SECS(10));
+    let worker = Worker::start_ready(nats.url(), function.url(), &[("max_inflight", "16")]);
     let nc = connect(&nats.url());
     for i in 0..150 {
         publish_json(&nc, STREAM, &gateway_request(&format!("fn-{i}"), b""));
@@ -216,11 +213,14 @@ fn json_logs_have_one_object_per_line_with_fields() {
 fn bodies_are_logged_only_when_asked() {
     let nats = NatsServer::start();
     let function = FunctionServer::from_fn(|_| Reply::ok("response-text"));
-    let worker = Worker::builder(nats.url(), function.url())
-        .env("print_request_body", "true")
-        .env("print_response_body", "true")
-        .start();
-    worker.wait_ready(SECS(10));
+    let worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[
+            ("print_request_body", "true"),
+            ("print_response_body", "true"),
+        ],
+    );
     let nc = connect(&nats.url());
     publish_json(&nc, STREAM, &gateway_request("f", b"request-text"));
     worker.wait_log("response-text", SECS(10));
@@ -231,11 +231,11 @@ fn bodies_are_logged_only_when_asked() {
 fn console_logs_are_plain_text_without_colours_off_a_terminal() {
     let nats = NatsServer::start();
     let function = FunctionServer::ok();
-    let worker = Worker::builder(nats.url(), function.url())
-        .env("log_encoding", "console")
-        .env("debug", "true")
-        .start();
-    worker.wait_ready(SECS(10));
+    let worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[("log_encoding", "console"), ("debug", "true")],
+    );
     worker.wait_log(" INFO  ready in", SECS(10));
     let logs = worker.logs();
     assert!(!logs.contains('\u{1b}'), "no colour codes in a file");
@@ -245,8 +245,7 @@ fn console_logs_are_plain_text_without_colours_off_a_terminal() {
 fn readyz_follows_the_nats_connection() {
     let mut nats = NatsServer::start();
     let function = FunctionServer::ok();
-    let worker = Worker::builder(nats.url(), function.url()).start();
-    worker.wait_ready(SECS(10));
+    let worker = Worker::start_ready(nats.url(), function.url(), &[]);
     assert_eq!(worker.get("/healthz").0, 200);
     nats.stop();
     wait_until(SECS(10), "readyz 503", || worker.get("/readyz").0 == 503);

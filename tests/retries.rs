@@ -26,11 +26,11 @@ fn recovers_after_failures_with_delays_that_double() {
     let nats = NatsServer::start();
     let function = FunctionServer::script(vec![503, 502, 500]);
     let callbacks = FunctionServer::ok();
-    let worker = Worker::builder(nats.url(), function.url())
-        .env("initial_retry_wait", "300ms")
-        .env("max_retry_wait", "10s")
-        .start();
-    worker.wait_ready(SECS(10));
+    let worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[("initial_retry_wait", "300ms"), ("max_retry_wait", "10s")],
+    );
     let nc = connect(&nats.url());
     publish_json(
         &nc,
@@ -69,12 +69,15 @@ fn gives_up_after_max_attempts_with_callback_and_dead_letter() {
             ..Default::default()
         })
         .unwrap();
-    let worker = Worker::builder(nats.url(), function.url())
-        .env("max_retry_attempts", "3")
-        .env("initial_retry_wait", "100ms")
-        .env("dead_letter_subject", "faas-dead")
-        .start();
-    worker.wait_ready(SECS(10));
+    let worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[
+            ("max_retry_attempts", "3"),
+            ("initial_retry_wait", "100ms"),
+            ("dead_letter_subject", "faas-dead"),
+        ],
+    );
     let req = with_callback(gateway_request("broken", b"payload"), &callbacks.url());
     publish_json(&nc, STREAM, &req);
     let cb = &callbacks.wait_for_count(1, SECS(15))[0];
@@ -116,10 +119,7 @@ fn statuses_outside_retry_http_codes_are_invoked_once() {
         _ => Reply::status(501),
     });
     let callbacks = FunctionServer::ok();
-    let worker = Worker::builder(nats.url(), function.url())
-        .env("initial_retry_wait", "0s")
-        .start();
-    worker.wait_ready(SECS(10));
+    let _worker = Worker::start_ready(nats.url(), function.url(), &[("initial_retry_wait", "0s")]);
     let nc = connect(&nats.url());
     publish_json(
         &nc,
@@ -154,10 +154,7 @@ fn openfaas_internal_5xx_is_retried() {
             Reply::ok("fine")
         }
     });
-    let worker = Worker::builder(nats.url(), function.url())
-        .env("initial_retry_wait", "0s")
-        .start();
-    worker.wait_ready(SECS(10));
+    let _worker = Worker::start_ready(nats.url(), function.url(), &[("initial_retry_wait", "0s")]);
     let nc = connect(&nats.url());
     publish_json(&nc, STREAM, &gateway_request("f", b""));
     function.wait_for_count(2, SECS(10));
@@ -176,11 +173,11 @@ fn retry_after_in_seconds_and_as_a_date_is_honoured() {
         }
         _ => Reply::ok("ok"),
     });
-    let worker = Worker::builder(nats.url(), function.url())
-        .env("initial_retry_wait", "100ms")
-        .env("max_retry_wait", "10s")
-        .start();
-    worker.wait_ready(SECS(10));
+    let _worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[("initial_retry_wait", "100ms"), ("max_retry_wait", "10s")],
+    );
     let nc = connect(&nats.url());
     publish_json(&nc, STREAM, &gateway_request("limited", b""));
     let seen = function.wait_for_count(3, SECS(20));
@@ -203,8 +200,7 @@ fn annotations_override_the_retry_settings() {
     let nats = NatsServer::start();
     let function = FunctionServer::from_fn(|_| Reply::status(418));
     let callbacks = FunctionServer::ok();
-    let worker = Worker::builder(nats.url(), function.url()).start();
-    worker.wait_ready(SECS(10));
+    let _worker = Worker::start_ready(nats.url(), function.url(), &[]);
     let nc = connect(&nats.url());
     let mut req = with_callback(gateway_request("teapot", b""), &callbacks.url());
     req["Annotations"] = serde_json::json!({
@@ -231,13 +227,16 @@ fn one_worker_serves_new_messages_while_100_retries_wait() {
     });
     // Retries wait 6 s, three ack waits: a lease the timer failed to keep alive would be
     // redelivered by the server after 2 s and show up as an early second attempt.
-    let worker = Worker::builder(nats.url(), function.url())
-        .env("max_inflight", "1")
-        .env("initial_retry_wait", "6s")
-        .env("max_retry_wait", "6s")
-        .env("ack_wait", "2s")
-        .start();
-    worker.wait_ready(SECS(10));
+    let _worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[
+            ("max_inflight", "1"),
+            ("initial_retry_wait", "6s"),
+            ("max_retry_wait", "6s"),
+            ("ack_wait", "2s"),
+        ],
+    );
     let nc = connect(&nats.url());
     for _ in 0..100 {
         publish_json(&nc, STREAM, &gateway_request("down", b""));
@@ -317,11 +316,11 @@ fn drain_hands_waiting_retries_back_at_once() {
         0 => Reply::status(503),
         _ => Reply::ok("ok"),
     });
-    let worker = Worker::builder(nats.url(), function.url())
-        .env("initial_retry_wait", "3s")
-        .env("ack_wait", "60s")
-        .start();
-    worker.wait_ready(SECS(10));
+    let worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[("initial_retry_wait", "3s"), ("ack_wait", "60s")],
+    );
     let nc = connect(&nats.url());
     publish_json(&nc, STREAM, &gateway_request("f", b""));
     let first = function.wait_for_count(1, SECS(10))[0].at;
@@ -329,10 +328,7 @@ fn drain_hands_waiting_retries_back_at_once() {
     worker.signal("TERM");
     assert!(worker.wait_exit(SECS(5)).success());
     // Another worker takes it when its back-off ends, not after the 60 s ack wait.
-    let other = Worker::builder(nats.url(), function.url())
-        .env("initial_retry_wait", "3s")
-        .start();
-    other.wait_ready(SECS(10));
+    let _other = Worker::start_ready(nats.url(), function.url(), &[("initial_retry_wait", "3s")]);
     let seen = function.wait_for_count(2, SECS(15));
     let gap = seen[1].at - first;
     assert!(

@@ -118,6 +118,22 @@ impl Worker {
         }
     }
 
+    /// Starts a worker with `env` on top of the builder's and waits (10 s at most) until it is
+    /// ready: the set-up most tests share.
+    pub fn start_ready(
+        nats_url: impl Into<String>,
+        gateway_url: impl Into<String>,
+        env: &[(&str, &str)],
+    ) -> Worker {
+        let mut builder = Worker::builder(nats_url, gateway_url);
+        for (k, v) in env {
+            builder = builder.env(*k, *v);
+        }
+        let worker = builder.start();
+        worker.wait_ready(Duration::from_secs(10));
+        worker
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.pid
