@@ -35,7 +35,7 @@ use nats::jetstream::{
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
 /// Extra client-side wait past `expires` before a pull request is given up as lost.
 const PULL_MARGIN: Duration = Duration::from_secs(2);
-/// Pause after a 409 (consumer deleted, too many waiting pulls, ...) before pulling again.
+/// Pause after a 409 (consumer deleted, too many waiting pulls, ...) or a failed pull request.
 const PULL_PAUSE_AFTER_409: Duration = Duration::from_secs(1);
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest wait between connection attempts while NATS is not yet up.
@@ -770,7 +770,7 @@ impl Puller {
             }
             let (current, deadline) = match self.current {
                 Some(c) => c,
-                None => self.request_one()?,
+                None => self.request_one(),
             };
             let wait = deadline.saturating_duration_since(Instant::now());
             match self.sub.next_timeout(wait) {
@@ -803,17 +803,30 @@ impl Puller {
         }
     }
 
-    fn request_one(&mut self) -> Result<(u64, Instant), BrokerError> {
+    fn request_one(&mut self) -> (u64, Instant) {
         self.seq += 1;
         let reply = format!("{}.{}", self.prefix, self.seq);
-        self.nc
-            .publish_with_reply_or_headers(&self.pull_subject, Some(&reply), None, &self.request)
-            .map_err(|_| BrokerError::Closed)?;
-        // Without a flush the client holds the request for up to 5 ms.
-        self.flush.flush(&self.nc);
-        let current = (self.seq, Instant::now() + PULL_EXPIRES + PULL_MARGIN);
+        let sent = self.nc.publish_with_reply_or_headers(
+            &self.pull_subject,
+            Some(&reply),
+            None,
+            &self.request,
+        );
+        let current = match sent {
+            Ok(()) => {
+                // Without a flush the client holds the request for up to 5 ms.
+                self.flush.flush(&self.nc);
+                (self.seq, Instant::now() + PULL_EXPIRES + PULL_MARGIN)
+            }
+            // Disconnected with a full reconnect buffer: try again shortly. A closed connection
+            // shows as a closed subscription in `next`.
+            Err(e) => {
+                log::debug!("pull request not sent: {e}; pausing {PULL_PAUSE_AFTER_409:?}");
+                (0, Instant::now() + PULL_PAUSE_AFTER_409)
+            }
+        };
         self.current = Some(current);
-        Ok(current)
+        current
     }
 
     fn on_status(&mut self, status: &str, msg: &nats::Message, for_current: bool) {

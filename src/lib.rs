@@ -157,7 +157,6 @@ struct Threads {
     workers: Vec<JoinHandle<()>>,
     timer: JoinHandle<()>,
     monitor: JoinHandle<()>,
-    endpoint: endpoint::Endpoint,
 }
 
 /// Runs the worker until `shutdown` receives (SIGTERM) or a fatal error. In-flight invocations
@@ -172,7 +171,19 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> Result<(), Error> {
             source,
         })?;
     log::info!("serving /metrics, /healthz and /readyz on {addr}");
+    let result = serve(&config, &metrics, &health, &shutdown, started);
+    endpoint.stop();
+    result
+}
 
+/// Everything between the endpoint's start and its stop: connect, set up, work, drain.
+fn serve(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    health: &Arc<Health>,
+    shutdown: &Receiver<()>,
+    started: Instant,
+) -> Result<(), Error> {
     let (fatal_tx, fatal_rx) = crossbeam_channel::bounded::<String>(4);
     let (reconnect_tx, reconnect_rx) = crossbeam_channel::bounded(1);
     let events = Arc::new(Events {
@@ -187,7 +198,6 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> Result<(), Error> {
         Ok(b) => Arc::new(b),
         Err(BrokerError::Interrupted) => {
             log::info!("stopped before NATS was reachable");
-            endpoint.stop();
             return Ok(());
         }
         Err(e) => return Err(e.into()),
@@ -195,7 +205,7 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> Result<(), Error> {
     health.set_connected(true);
     log::info!("connected to NATS at {}", config.nats_urls.join(","));
 
-    let spec = QueueSpec::from(&config);
+    let spec = QueueSpec::from(config);
     let bound = broker.ensure(&spec)?;
     for warning in &bound.warnings {
         log::warn!("{warning}");
@@ -240,7 +250,6 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> Result<(), Error> {
                 stop.store(true, Ordering::SeqCst);
                 broker.wake_pullers();
                 timer.stop();
-                endpoint.stop();
                 return Err(Error::Spawn(e));
             }
         }
@@ -289,7 +298,6 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> Result<(), Error> {
             workers,
             timer: timer_handle,
             monitor,
-            endpoint,
         },
         monitor_stop_tx,
     );
@@ -339,7 +347,6 @@ fn drain(
     let _ = threads.timer.join();
     let _ = monitor_stop.send(());
     let _ = threads.monitor.join();
-    threads.endpoint.stop();
     log::info!("stopped");
 }
 
