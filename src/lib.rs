@@ -233,7 +233,7 @@ fn serve(
     for (i, puller) in pullers.into_iter().enumerate() {
         let shared = shared.clone();
         let fatal = fatal_tx.clone();
-        let invoker = invoke::Invoker::new(&config, &resolver);
+        let invoker = invoke::Invoker::new(config, &resolver);
         let spawned = thread::Builder::new()
             .name(format!("worker-{i}"))
             .stack_size(WORKER_STACK)
@@ -289,9 +289,9 @@ fn serve(
     };
     drop(shared);
     drain(
-        &config,
+        config,
         &broker,
-        &health,
+        health,
         &stop,
         &timer,
         Threads {
