@@ -41,6 +41,8 @@ step "starting nats-server $("$nats_bin" --version | sed 's/.*v//') on 127.0.0.1
 pids+=($!)
 python3 scripts/demo/function.py "$fn_port" >"$work/callbacks.jsonl" 2>"$work/function.log" &
 pids+=($!)
+# Publish only once the functions answer: an early request would be retried, not lost.
+for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$fn_port/" && break; sleep 0.05; done
 
 export nats_url="nats://127.0.0.1:$nats_port" nats_stream=demo queue_name=demo \
   nats_stream_storage=memory gateway_url="http://127.0.0.1:$fn_port" \
