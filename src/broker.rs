@@ -128,8 +128,6 @@ pub struct Bound {
     pub ack_wait: Duration,
     /// Settings of an existing stream or consumer that break or limit the worker.
     pub warnings: Vec<String>,
-    pub created_stream: bool,
-    pub created_consumer: bool,
 }
 
 /// Stream and consumer counters, for `status` and the metrics.
@@ -244,22 +242,16 @@ impl Broker {
     /// ones are used as they are, with a warning for each setting that breaks the worker.
     pub fn ensure(&self, spec: &QueueSpec) -> Result<Bound, BrokerError> {
         let mut warnings = Vec::new();
-        let created_stream = match self.stream_info(&spec.stream)? {
-            Some(info) => {
-                check_stream(&info, spec, &mut warnings);
-                false
-            }
-            None => {
-                self.create_stream(spec)?;
-                true
-            }
-        };
-        let (info, created_consumer) = match self.consumer_info(&spec.stream, &spec.durable)? {
+        match self.stream_info(&spec.stream)? {
+            Some(info) => check_stream(&info, spec, &mut warnings),
+            None => self.create_stream(spec)?,
+        }
+        let info = match self.consumer_info(&spec.stream, &spec.durable)? {
             Some(info) => {
                 check_consumer(&info, spec, &mut warnings);
-                (info, false)
+                info
             }
-            None => (self.create_consumer(spec)?, true),
+            None => self.create_consumer(spec)?,
         };
         Ok(Bound {
             ack_wait: if info.config.ack_wait.is_zero() {
@@ -268,8 +260,6 @@ impl Broker {
                 info.config.ack_wait
             },
             warnings,
-            created_stream,
-            created_consumer,
         })
     }
 
@@ -437,11 +427,6 @@ impl Broker {
                 .publish(&format!("{}.{index}.wake", self.inbox), b"");
         }
         let _ = self.nc.flush_timeout(FLUSH_TIMEOUT);
-    }
-
-    /// The reconnect count so far.
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::SeqCst)
     }
 
     /// Publishes messages to JetStream with de-duplication ids, many in flight at once, and
@@ -921,9 +906,6 @@ impl AckHandle {
         self.0.ack_kind(AckKind::Term)
     }
 }
-
-/// A flag to stop pullers, shared with the worker threads.
-pub type StopFlag = Arc<AtomicBool>;
 
 #[cfg(test)]
 mod tests {

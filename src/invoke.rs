@@ -48,7 +48,8 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn failed(error: String, duration: Duration) -> Reply {
+    /// No response: why, and how long the attempt took.
+    pub fn failed(error: String, duration: Duration) -> Reply {
         Reply {
             status: UNREACHABLE_STATUS,
             headers: Vec::new(),
@@ -157,12 +158,6 @@ impl Outcome {
             Outcome::Done(r) | Outcome::Permanent(r) | Outcome::Retry { reply: r, .. } => r,
         }
     }
-
-    pub fn into_reply(self) -> Reply {
-        match self {
-            Outcome::Done(r) | Outcome::Permanent(r) | Outcome::Retry { reply: r, .. } => r,
-        }
-    }
 }
 
 /// The result of a callback.
@@ -255,12 +250,10 @@ impl Invoker {
                 let body = match body {
                     Ok(body) => body,
                     Err(ureq::Error::BodyExceedsLimit(limit)) => {
-                        return Outcome::Permanent(Reply {
-                            error: Some(format!(
-                                "response body larger than max_response_bytes ({limit})"
-                            )),
-                            ..Reply::failed(String::new(), duration)
-                        })
+                        return Outcome::Permanent(Reply::failed(
+                            format!("response body larger than max_response_bytes ({limit})"),
+                            duration,
+                        ))
                     }
                     Err(e) => {
                         return Outcome::Retry {

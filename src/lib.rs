@@ -285,7 +285,11 @@ fn serve(
 
     let result = crossbeam_channel::select! {
         recv(shutdown) -> _ => Ok(()),
-        recv(fatal_rx) -> why => Err(Error::Fatal(why.unwrap_or_default())),
+        recv(fatal_rx) -> why => {
+            // A loop died: liveness fails while the rest drains.
+            health.set_broken();
+            Err(Error::Fatal(why.unwrap_or_default()))
+        }
     };
     drop(shared);
     drain(

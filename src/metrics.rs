@@ -2,7 +2,7 @@
 //! process. Function labels are capped so a flood of names cannot grow the series count.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use prometheus::{
     Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
@@ -35,7 +35,7 @@ pub struct Metrics {
     pub malformed: IntCounter,
     pub redelivered: IntCounter,
     pub ready: IntGauge,
-    functions: Mutex<HashSet<String>>,
+    functions: RwLock<HashSet<String>>,
     /// The stream's last sequence seen, to count messages that entered it.
     last_seq: Mutex<Option<u64>>,
 }
@@ -164,14 +164,20 @@ impl Metrics {
             malformed,
             redelivered,
             ready,
-            functions: Mutex::new(HashSet::new()),
+            functions: RwLock::new(HashSet::new()),
             last_seq: Mutex::new(None),
         })
     }
 
     /// The label for a (validated) function name: itself while under the cap, else `other`.
     pub fn function_label(&self, name: &str) -> String {
-        let mut known = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        // Every message asks, almost always for a name already known: read first.
+        let known = self.functions.read().unwrap_or_else(|p| p.into_inner());
+        if known.contains(name) {
+            return name.to_string();
+        }
+        drop(known);
+        let mut known = self.functions.write().unwrap_or_else(|p| p.into_inner());
         if known.contains(name) {
             return name.to_string();
         }

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::broker::{Broker, BrokerError, Delivery, OutMessage, Puller};
 use crate::config::Config;
@@ -86,10 +87,7 @@ fn handle(s: &Thread<'_>, delivery: Delivery) {
     };
     if job.attempt > job.max_attempts {
         // Every attempt was spent before a restart cut the last one short.
-        let reply = Reply {
-            error: Some("no attempts left after a restart".into()),
-            ..failed_reply()
-        };
+        let reply = Reply::failed("no attempts left after a restart".into(), Duration::ZERO);
         give_up(s, &job, &reply, original);
         return;
     }
@@ -143,16 +141,6 @@ struct Job<'a> {
 impl Job<'_> {
     fn call_id(&self) -> &str {
         self.req.call_id().unwrap_or("")
-    }
-}
-
-fn failed_reply() -> Reply {
-    Reply {
-        status: crate::invoke::UNREACHABLE_STATUS,
-        headers: Vec::new(),
-        body: Vec::new(),
-        error: None,
-        duration: std::time::Duration::ZERO,
     }
 }
 
@@ -231,9 +219,7 @@ fn give_up(s: &Thread<'_>, job: &Job<'_>, reply: &Reply, original: Option<Vec<u8
         match s.broker.publish_all(
             subject,
             &[message],
-            s.config
-                .callback_timeout
-                .min(std::time::Duration::from_secs(5)),
+            s.config.callback_timeout.min(Duration::from_secs(5)),
         ) {
             Ok(_) => {
                 log::info!(call_id = job.call_id(), stream_seq = job.stream_seq; "published a dead letter to {subject}")
