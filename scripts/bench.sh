@@ -17,6 +17,7 @@
 #   BENCH_BODY_TOTAL=1073741824  cap on body bytes queued per body-size run (fewer big messages)
 #   BENCH_FLAT_COUNT=100000  messages queued for the memory flatness case
 #   BENCH_CASES=J,H,E,E10,BODY,IDLE,FLAT,SIZE   the cases to run
+#   BENCH_E_INFLIGHT="1 16 100 512"   max_inflight values of the no-op case E
 #   BENCH_TIMEOUT=300        seconds one worker run may take before the harness gives up
 #   BENCH_STALL=30           ... or may go without a single function call
 #   BENCH_SKIP_BUILD=1       do not run cargo (use the binaries as they are)
@@ -43,6 +44,7 @@ BODY=${BENCH_BODY_SIZE:-128}
 BODY_TOTAL=${BENCH_BODY_TOTAL:-1073741824}
 CASES=,${BENCH_CASES:-J,H,E,E10,BODY,IDLE,FLAT,SIZE},
 TIMEOUT=${BENCH_TIMEOUT:-300}
+E_INFLIGHT=${BENCH_E_INFLIGHT:-1 16 100 512}
 STALL=${BENCH_STALL:-30}
 BIN_DIR=${BENCH_BIN_DIR:-target/release/examples}
 WORKER=${BENCH_WORKER:-target/release/queue-worker}
@@ -296,7 +298,7 @@ case_h() {   # HTTP ceiling: bench-ceiling http against the no-op function
 
 case_e() {   # worker, no-op function
     local run k
-    for k in 1 16 100 512; do
+    for k in $E_INFLIGHT; do
         for run in $(seq "$RUNS"); do
             run_worker_until "E-noop-$k" "$COUNT" "$k" "$FN_PORT" "$BODY"
         done

@@ -411,6 +411,7 @@ impl Broker {
             sub,
             prefix,
             pull_subject: format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", spec.stream, spec.durable),
+            ack_next: [b"+NXT ".as_slice(), &request].concat(),
             request,
             seq: 0,
             current: None,
@@ -733,6 +734,8 @@ pub struct Puller {
     prefix: String,
     pull_subject: String,
     request: Vec<u8>,
+    /// `+NXT` and the pull request: acks one message and asks for the next.
+    ack_next: Vec<u8>,
     seq: u64,
     /// The pull request in flight (0 while pausing) and when to give up on it.
     current: Option<(u64, Instant)>,
@@ -786,6 +789,28 @@ impl Puller {
                 Err(_) => return Err(BrokerError::Closed),
             }
         }
+    }
+
+    /// Acks a finished message and asks for the next one in the same protocol message
+    /// (`+NXT`): the server handles one operation instead of an ack and a pull request, and
+    /// [`Puller::next`] then waits for the message it asked for. An error means the ack was
+    /// not sent either, so the message will be redelivered.
+    pub fn ack_next(&mut self, ack: &AckHandle) -> io::Result<()> {
+        let Some(subject) = ack.0.reply.as_deref() else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the message has no ack subject",
+            ));
+        };
+        // A reconnect after this point is seen by `next`, which then pulls again.
+        self.seen_generation = self.generation.load(Ordering::SeqCst);
+        self.seq += 1;
+        let reply = format!("{}.{}", self.prefix, self.seq);
+        self.nc
+            .publish_with_reply_or_headers(subject, Some(&reply), None, &self.ack_next)?;
+        self.flush.flush(&self.nc);
+        self.current = Some((self.seq, Instant::now() + PULL_EXPIRES + PULL_MARGIN));
+        Ok(())
     }
 
     fn request_one(&mut self) -> (u64, Instant) {

@@ -27,7 +27,7 @@ pub fn run(shared: &Shared, mut puller: Puller, invoker: Invoker) -> Result<(), 
     let s = Thread { shared, invoker };
     loop {
         match puller.next(&shared.stop) {
-            Ok(Some(delivery)) => handle(&s, delivery),
+            Ok(Some(delivery)) => handle(&s, &mut puller, delivery),
             Ok(None) => return Ok(()),
             Err(_) if shared.stop.load(Ordering::SeqCst) => return Ok(()),
             Err(e) => return Err(e),
@@ -50,7 +50,7 @@ impl std::ops::Deref for Thread<'_> {
 }
 
 /// Handles one delivered message to the end: it is acked, terminated, or held for a retry.
-fn handle(s: &Thread<'_>, delivery: Delivery) {
+fn handle(s: &Thread<'_>, puller: &mut Puller, delivery: Delivery) {
     let Delivery {
         data,
         ack,
@@ -88,7 +88,7 @@ fn handle(s: &Thread<'_>, delivery: Delivery) {
     if job.attempt > job.max_attempts {
         // Every attempt was spent before a restart cut the last one short.
         let reply = Reply::failed("no attempts left after a restart".into(), Duration::ZERO);
-        give_up(s, &job, &reply, original);
+        give_up(s, puller, &job, &reply, original);
         return;
     }
     if s.config.log.print_request_body {
@@ -100,21 +100,17 @@ fn handle(s: &Thread<'_>, delivery: Delivery) {
     let outcome = s.invoker.invoke(&req, &policy);
     inflight.dec();
 
-    let reply = outcome.reply();
-    s.metrics.observe_invocation(
-        &job.label,
-        &reply.code_label(),
-        reply.duration.as_secs_f64(),
-    );
-    log_attempt(s, &job, reply);
-
-    match outcome {
+    match &outcome {
         Outcome::Done(reply) | Outcome::Permanent(reply) => {
-            callback(s, &job, &reply);
-            finish(s, &job);
+            callback(s, &job, reply);
+            // The next message is asked for before the bookkeeping, which then overlaps with
+            // its delivery.
+            finish(s, puller, &job);
+            record_attempt(s, &job, reply);
         }
         Outcome::Retry { reply, retry_after } if job.attempt < job.max_attempts => {
-            let delay = policy.delay(job.attempt, reply.status, retry_after);
+            record_attempt(s, &job, reply);
+            let delay = policy.delay(job.attempt, reply.status, *retry_after);
             s.metrics.retried(&job.label);
             log::info!(
                 call_id = job.call_id(), function = req.function.as_str(), attempt = job.attempt,
@@ -123,7 +119,10 @@ fn handle(s: &Thread<'_>, delivery: Delivery) {
             );
             s.timer.retry_after(job.lease, delay);
         }
-        Outcome::Retry { reply, .. } => give_up(s, &job, &reply, original),
+        Outcome::Retry { reply, .. } => {
+            record_attempt(s, &job, reply);
+            give_up(s, puller, &job, reply, original);
+        }
     }
 }
 
@@ -144,7 +143,13 @@ impl Job<'_> {
     }
 }
 
-fn log_attempt(s: &Thread<'_>, job: &Job<'_>, reply: &Reply) {
+/// Metrics and the log line of one attempt.
+fn record_attempt(s: &Thread<'_>, job: &Job<'_>, reply: &Reply) {
+    s.metrics.observe_invocation(
+        &job.label,
+        &reply.code_label(),
+        reply.duration.as_secs_f64(),
+    );
     let duration_ms = (reply.duration.as_secs_f64() * 1e6).round() / 1e3;
     let function = job.req.function.as_str();
     match &reply.error {
@@ -184,7 +189,13 @@ fn callback(s: &Thread<'_>, job: &Job<'_>, reply: &Reply) {
 }
 
 /// The last attempt failed: tell the callback, publish a dead letter, and ack.
-fn give_up(s: &Thread<'_>, job: &Job<'_>, reply: &Reply, original: Option<Vec<u8>>) {
+fn give_up(
+    s: &Thread<'_>,
+    puller: &mut Puller,
+    job: &Job<'_>,
+    reply: &Reply,
+    original: Option<Vec<u8>>,
+) {
     s.metrics.gave_up(&job.label);
     let error = reply
         .error
@@ -229,15 +240,21 @@ fn give_up(s: &Thread<'_>, job: &Job<'_>, reply: &Reply, original: Option<Vec<u8
             }
         }
     }
-    finish(s, job);
+    finish(s, puller, job);
 }
 
-/// Acks a finished message, unless the timer already handed it back at shutdown.
-fn finish(s: &Thread<'_>, job: &Job<'_>) {
-    s.metrics.processed.inc();
+/// Acks a finished message, unless the timer already handed it back at shutdown, and asks
+/// for the next one in the same message unless the worker is stopping.
+fn finish(s: &Thread<'_>, puller: &mut Puller, job: &Job<'_>) {
     if let Some(ack) = s.timer.release(job.lease) {
-        if let Err(e) = ack.ack() {
+        let acked = if s.stop.load(Ordering::SeqCst) {
+            ack.ack()
+        } else {
+            puller.ack_next(&ack)
+        };
+        if let Err(e) = acked {
             log::warn!(stream_seq = job.stream_seq; "ack failed: {e}; the message will be redelivered");
         }
     }
+    s.metrics.processed.inc();
 }
