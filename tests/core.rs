@@ -330,6 +330,27 @@ fn a_message_published_to_an_idle_worker_runs_at_once() {
     }
 }
 
+/// The worker keeps one connection per thread and probes it before reuse: a connection the
+/// function closed after answering must not fail the next invocation.
+#[test]
+fn a_connection_closed_by_the_function_is_not_reused() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::from_fn(|_| Reply::ok("done").then_drop());
+    let worker = Worker::start_ready(nats.url(), function.url(), &[("max_inflight", "1")]);
+    let nc = connect(&nats.url());
+    for round in 1..=3 {
+        publish_json(&nc, STREAM, &gateway_request("ping", b""));
+        function.wait_for_count(round, SECS(5));
+        // The answer is in, so the function has closed that connection by now.
+        wait_until(SECS(5), "the invocation logged", || {
+            worker.logs().matches("invoked ping").count() >= round
+        });
+    }
+    let logs = worker.logs();
+    assert!(!logs.contains("failed"), "an attempt failed:\n{logs}");
+    assert_eq!(function.count(), 3, "no attempt was repeated");
+}
+
 #[test]
 fn waits_for_nats_and_uses_an_existing_stream_and_consumer() {
     let mut nats = NatsServer::start();

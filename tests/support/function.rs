@@ -99,6 +99,9 @@ pub struct Reply {
     pub close: bool,
     /// Close the connection without answering (plays a function that crashes mid-request).
     pub hangup: bool,
+    /// Answer as if keeping the connection alive, then close it (plays a server that drops
+    /// idle connections).
+    pub drop_after: bool,
 }
 
 impl Reply {
@@ -111,6 +114,7 @@ impl Reply {
             delay: Duration::ZERO,
             close: false,
             hangup: false,
+            drop_after: false,
         }
     }
 
@@ -143,6 +147,12 @@ impl Reply {
     /// Answers with `Connection: close` and closes the connection.
     pub fn with_close(mut self) -> Reply {
         self.close = true;
+        self
+    }
+
+    /// Answers without `Connection: close`, then closes the connection anyway.
+    pub fn then_drop(mut self) -> Reply {
+        self.drop_after = true;
         self
     }
 
@@ -489,7 +499,7 @@ fn serve_requests(mut reader: BufReader<TcpStream>, writer: &mut TcpStream, shar
         // The client may have given up (timeout): its business, not a fixture failure.
         let written = write_response(writer, &reply, close, is_head);
         shared.answered.fetch_add(1, Ordering::SeqCst);
-        if close || written.is_err() {
+        if close || reply.drop_after || written.is_err() {
             return;
         }
     }
