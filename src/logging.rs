@@ -31,8 +31,10 @@ pub fn init(config: &LogConfig) {
     }
     match config.encoding {
         LogEncoding::Json => {
+            // The JSON formatter never styles its output. "Always" passes lines straight to
+            // stderr; "Never" would scan every byte for escape codes to strip.
             builder
-                .write_style(env_logger::WriteStyle::Never)
+                .write_style(env_logger::WriteStyle::Always)
                 .format(format_json);
         }
         LogEncoding::Console => {
