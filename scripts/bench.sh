@@ -273,7 +273,7 @@ json_field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.ar
 case_j() {   # JetStream ceiling: bench-ceiling consume
     local run spec threads batch out
     for run in $(seq "$RUNS"); do
-        for spec in 16x100 100x1; do
+        for spec in 16x100 100x1 1x1; do
             threads=${spec%x*} batch=${spec#*x}
             new_stream
             fill "$STREAM" "$COUNT" "$BODY"
@@ -286,13 +286,15 @@ case_j() {   # JetStream ceiling: bench-ceiling consume
     done
 }
 
-case_h() {   # HTTP ceiling: bench-ceiling http against the no-op function
-    local run out
+case_h() {   # HTTP ceiling: bench-ceiling http against the no-op function (100 threads, and 1)
+    local run out threads
     for run in $(seq "$RUNS"); do
-        out=$("$CEIL" http --url "http://127.0.0.1:$FN_PORT/function/$FUNCTION/" --threads 100 \
-            --count "$COUNT" --body-size "$BODY")
-        record H-100 per_sec req/s "$(json_field "$out" per_sec)"
-        log "bench: H 100 threads, run $run: $out"
+        for threads in 100 1; do
+            out=$("$CEIL" http --url "http://127.0.0.1:$FN_PORT/function/$FUNCTION/" \
+                --threads "$threads" --count "$COUNT" --body-size "$BODY")
+            record "H-$threads" per_sec req/s "$(json_field "$out" per_sec)"
+            log "bench: H $threads thread(s), run $run: $out"
+        done
     done
 }
 
@@ -418,6 +420,9 @@ def med(case, metric):
 def ratio(a, b):
     return a / b if a is not None and b else None
 
+def serial(a, b):
+    return 1 / (1 / a + 1 / b) if a and b else None
+
 def e(case):
     # msg/s from ready; from the first call when every call came before the worker was ready.
     v = med(case, "per_sec_ready")
@@ -426,6 +431,9 @@ def e(case):
 ratios = {
     "E(100)/H": ratio(e("E-noop-100"), med("H-100", "per_sec")),
     "E(1) msg/s": e("E-noop-1"),
+    # One thread is latency-bound: a message costs at least a pull and ack (J 1x1) plus an
+    # HTTP call (H 1), one after the other; this is E(1) against that serial sum.
+    "E(1)/serial(J1x1,H1)": ratio(e("E-noop-1"), serial(med("J-1x1", "per_sec"), med("H-1", "per_sec"))),
     "E10ms(16)/ideal": ratio(e("E-10ms-16"), med("E-10ms-16", "ideal_per_sec")),
     "E10ms(100)/ideal": ratio(e("E-10ms-100"), med("E-10ms-100", "ideal_per_sec")),
 }
@@ -466,7 +474,9 @@ p(f"{env['BENCH_COUNT_EFFECTIVE']} messages per run, {env['BENCH_RUNS_EFFECTIVE'
 
 ceilings = [("J-16x100", "J: JetStream consume+ack, 16 threads × batch 100", "per_sec"),
             ("J-100x1", "J: JetStream consume+ack, 100 threads × batch 1", "per_sec"),
-            ("H-100", "H: HTTP POST to the no-op function, 100 threads", "per_sec")]
+            ("J-1x1", "J: JetStream consume+ack, 1 thread × batch 1", "per_sec"),
+            ("H-100", "H: HTTP POST to the no-op function, 100 threads", "per_sec"),
+            ("H-1", "H: HTTP POST to the no-op function, 1 thread", "per_sec")]
 if any(has(c) for c, _, _ in ceilings):
     p("### Ceilings\n\n| Case | per second |\n|---|---:|")
     for c, label, m in ceilings:
