@@ -16,7 +16,7 @@
 #![allow(deprecated)]
 
 use std::collections::HashMap;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -409,9 +409,10 @@ impl Broker {
             nc: self.nc.clone(),
             flush: self.flusher.handle(),
             sub,
-            prefix,
             pull_subject: format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", spec.stream, spec.durable),
             ack_next: [b"+NXT ".as_slice(), &request].concat(),
+            inbox_len: prefix.len() + 1,
+            reply: format!("{prefix}."),
             request,
             seq: 0,
             current: None,
@@ -731,7 +732,10 @@ pub struct Puller {
     nc: nats::Connection,
     flush: FlushHandle,
     sub: nats::Subscription,
-    prefix: String,
+    /// The reply subject of the latest request, `<inbox>.<seq>`, rewritten in place.
+    reply: String,
+    /// Length of `<inbox>.`, the part of `reply` that stays.
+    inbox_len: usize,
     pull_subject: String,
     request: Vec<u8>,
     /// `+NXT` and the pull request: acks one message and asks for the next.
@@ -804,30 +808,30 @@ impl Puller {
         };
         // A reconnect after this point is seen by `next`, which then pulls again.
         self.seen_generation = self.generation.load(Ordering::SeqCst);
-        self.seq += 1;
-        let reply = format!("{}.{}", self.prefix, self.seq);
-        self.nc
-            .publish_with_reply_or_headers(subject, Some(&reply), None, &self.ack_next)?;
-        self.flush.flush(&self.nc);
-        self.current = Some((self.seq, Instant::now() + PULL_EXPIRES + PULL_MARGIN));
+        self.current = Some(self.send(Some(subject))?);
         Ok(())
     }
 
-    fn request_one(&mut self) -> (u64, Instant) {
+    /// Sends a pull request, or with `ack_subject` an ack with `+NXT`, answered on a fresh
+    /// reply subject, and flushes it. Returns its sequence and when to give up on it.
+    fn send(&mut self, ack_subject: Option<&str>) -> io::Result<(u64, Instant)> {
         self.seq += 1;
-        let reply = format!("{}.{}", self.prefix, self.seq);
-        let sent = self.nc.publish_with_reply_or_headers(
-            &self.pull_subject,
-            Some(&reply),
-            None,
-            &self.request,
-        );
-        let current = match sent {
-            Ok(()) => {
-                // Without a flush the client holds the request for up to 5 ms.
-                self.flush.flush(&self.nc);
-                (self.seq, Instant::now() + PULL_EXPIRES + PULL_MARGIN)
-            }
+        self.reply.truncate(self.inbox_len);
+        write!(self.reply, "{}", self.seq).expect("writing to a String");
+        let (subject, body) = match ack_subject {
+            Some(subject) => (subject, &self.ack_next),
+            None => (self.pull_subject.as_str(), &self.request),
+        };
+        self.nc
+            .publish_with_reply_or_headers(subject, Some(&self.reply), None, body)?;
+        // Without a flush the client holds it for up to 5 ms.
+        self.flush.flush(&self.nc);
+        Ok((self.seq, Instant::now() + PULL_EXPIRES + PULL_MARGIN))
+    }
+
+    fn request_one(&mut self) -> (u64, Instant) {
+        let current = match self.send(None) {
+            Ok(sent) => sent,
             // Disconnected with a full reconnect buffer: try again shortly. A closed connection
             // shows as a closed subscription in `next`.
             Err(e) => {
@@ -890,8 +894,16 @@ impl Delivery {
 /// and the newer form with domain and account hash before the stream.
 fn parse_ack_subject(reply: &str) -> Option<(u64, u32)> {
     let rest = reply.strip_prefix("$JS.ACK.")?;
-    let tokens: Vec<&str> = rest.split('.').collect();
-    let offset = match tokens.len() {
+    // Read on every delivery: the first six tokens are enough, so nothing is collected.
+    let mut tokens = [""; 6];
+    let mut count = 0;
+    for token in rest.split('.') {
+        if let Some(slot) = tokens.get_mut(count) {
+            *slot = token;
+        }
+        count += 1;
+    }
+    let offset = match count {
         7 => 0,
         n if n >= 9 => 2,
         _ => return None,

@@ -152,7 +152,7 @@ struct LeanConnector {
 }
 
 impl Connector<()> for LeanConnector {
-    type Out = Either<Box<dyn Transport>, Lean<Box<dyn Transport>>>;
+    type Out = Box<dyn Transport>;
 
     fn connect(
         &self,
@@ -162,22 +162,15 @@ impl Connector<()> for LeanConnector {
         let plain = details.uri.scheme() == Some(&http::uri::Scheme::HTTP)
             && details.config.proxy().is_none();
         if !plain {
-            return Ok(self.full.connect(details, chained)?.map(Either::A));
+            return self.full.connect(details, chained);
         }
-        Ok(self.tcp.connect(details, chained)?.map(|t| {
-            let t: Box<dyn Transport> = match t {
-                Either::A(()) => unreachable_transport(),
-                Either::B(tcp) => Box::new(tcp),
-            };
-            Either::B(Lean::new(t))
+        Ok(self.tcp.connect(details, chained)?.map(|t| match t {
+            Either::B(tcp) => Box::new(Lean::new(tcp)) as Box<dyn Transport>,
+            Either::A(()) => {
+                unreachable!("TcpConnector without a chained transport opens a socket")
+            }
         }))
     }
-}
-
-/// `TcpConnector` with no chained input always opens a socket.
-#[cold]
-fn unreachable_transport() -> Box<dyn Transport> {
-    unreachable!("TcpConnector without a chained transport opens a socket")
 }
 
 /// Socket timeouts are set in steps of this much, so that a call does not change them.
@@ -324,15 +317,9 @@ impl Invoker {
             .method(req.method.as_str())
             .uri(&url);
         for (name, value) in &req.headers {
-            let lower = name.to_ascii_lowercase();
-            if lower == "host"
-                || lower == "content-length"
-                || lower == "user-agent"
-                || HOP_BY_HOP.contains(&lower.as_str())
-            {
-                continue;
+            if forwarded(name, &["host", "content-length", "user-agent"]) {
+                builder = builder.header(name.as_str(), value.as_str());
             }
-            builder = builder.header(name.as_str(), value.as_str());
         }
         let request = match builder.body(req.body.as_slice()) {
             Ok(r) => r,
@@ -404,11 +391,9 @@ impl Invoker {
     pub fn callback(&self, url: &str, reply: &Reply, info: &CallbackInfo<'_>) -> CallbackResult {
         let mut builder = http::Request::builder().method("POST").uri(url);
         for (name, value) in &reply.headers {
-            let lower = name.to_ascii_lowercase();
-            if lower == "content-length" || HOP_BY_HOP.contains(&lower.as_str()) {
-                continue;
+            if forwarded(name, &["content-length"]) {
+                builder = builder.header(name.as_str(), value.as_str());
             }
-            builder = builder.header(name.as_str(), value.as_str());
         }
         if let Some(id) = info.call_id {
             builder = builder.header("X-Call-Id", id);
@@ -447,6 +432,15 @@ impl Invoker {
             Err(e) => CallbackResult::Failed(describe(&e)),
         }
     }
+}
+
+/// Whether a received header is passed on: not hop-by-hop and not one of `own` (headers the
+/// client sets itself).
+fn forwarded(name: &str, own: &[&str]) -> bool {
+    !HOP_BY_HOP
+        .iter()
+        .chain(own)
+        .any(|h| name.eq_ignore_ascii_case(h))
 }
 
 fn response_headers(map: &http::HeaderMap) -> Vec<(String, String)> {

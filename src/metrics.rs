@@ -170,22 +170,22 @@ impl Metrics {
     }
 
     /// The label for a (validated) function name: itself while under the cap, else `other`.
-    pub fn function_label(&self, name: &str) -> String {
+    pub fn function_label<'a>(&self, name: &'a str) -> &'a str {
         // Every message asks, almost always for a name already known: read first.
         let known = self.functions.read().unwrap_or_else(|p| p.into_inner());
         if known.contains(name) {
-            return name.to_string();
+            return name;
         }
         drop(known);
         let mut known = self.functions.write().unwrap_or_else(|p| p.into_inner());
         if known.contains(name) {
-            return name.to_string();
+            return name;
         }
         if known.len() < MAX_FUNCTION_LABELS {
             known.insert(name.to_string());
-            return name.to_string();
+            return name;
         }
-        OTHER_FUNCTION.to_string()
+        OTHER_FUNCTION
     }
 
     pub fn inflight(&self, function: &str) -> IntGauge {

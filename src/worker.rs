@@ -95,7 +95,7 @@ fn handle(s: &Thread<'_>, puller: &mut Puller, delivery: Delivery) {
         log::info!(call_id = job.call_id(), function = req.function.as_str(); "request body: {}", String::from_utf8_lossy(&req.body));
     }
 
-    let inflight = s.metrics.inflight(&job.label);
+    let inflight = s.metrics.inflight(job.label);
     inflight.inc();
     let outcome = s.invoker.invoke(&req, &policy);
     inflight.dec();
@@ -111,7 +111,7 @@ fn handle(s: &Thread<'_>, puller: &mut Puller, delivery: Delivery) {
         Outcome::Retry { reply, retry_after } if job.attempt < job.max_attempts => {
             record_attempt(s, &job, reply);
             let delay = policy.delay(job.attempt, reply.status, *retry_after);
-            s.metrics.retried(&job.label);
+            s.metrics.retried(job.label);
             log::info!(
                 call_id = job.call_id(), function = req.function.as_str(), attempt = job.attempt,
                 stream_seq = stream_seq;
@@ -130,7 +130,7 @@ fn handle(s: &Thread<'_>, puller: &mut Puller, delivery: Delivery) {
 struct Job<'a> {
     req: &'a Request,
     /// The function's metric label (capped).
-    label: String,
+    label: &'a str,
     attempt: u32,
     max_attempts: u32,
     stream_seq: u64,
@@ -145,11 +145,8 @@ impl Job<'_> {
 
 /// Metrics and the log line of one attempt.
 fn record_attempt(s: &Thread<'_>, job: &Job<'_>, reply: &Reply) {
-    s.metrics.observe_invocation(
-        &job.label,
-        &reply.code_label(),
-        reply.duration.as_secs_f64(),
-    );
+    s.metrics
+        .observe_invocation(job.label, &reply.code_label(), reply.duration.as_secs_f64());
     let duration_ms = (reply.duration.as_secs_f64() * 1e6).round() / 1e3;
     let function = job.req.function.as_str();
     match &reply.error {
@@ -196,7 +193,7 @@ fn give_up(
     reply: &Reply,
     original: Option<Vec<u8>>,
 ) {
-    s.metrics.gave_up(&job.label);
+    s.metrics.gave_up(job.label);
     let error = reply
         .error
         .clone()
