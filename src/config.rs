@@ -8,25 +8,6 @@ use std::fmt;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
-pub const DEFAULT_NATS_HOST: &str = "127.0.0.1";
-pub const DEFAULT_NATS_PORT: u16 = 4222;
-pub const DEFAULT_STREAM: &str = "faas-request";
-pub const DEFAULT_DURABLE: &str = "faas-workers";
-pub const DEFAULT_REPLICAS: usize = 1;
-pub const DEFAULT_GATEWAY_URL: &str = "http://127.0.0.1:8080";
-pub const DEFAULT_MAX_INFLIGHT: usize = 50;
-pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(60);
-pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
-pub const DEFAULT_CALLBACK_TIMEOUT: Duration = Duration::from_secs(30);
-pub const DEFAULT_METRICS_PORT: u16 = 8081;
-/// Messages the consumer hands out before an ack: running plus waiting retries.
-pub const DEFAULT_MAX_ACK_PENDING: usize = 1000;
-pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 16 * 1024 * 1024;
-pub const DEFAULT_RETRY_HTTP_CODES: &[u16] = &[408, 429, 500, 502, 503, 504];
-pub const DEFAULT_MAX_RETRY_ATTEMPTS: u32 = 100;
-pub const DEFAULT_INITIAL_RETRY_WAIT: Duration = Duration::from_secs(10);
-pub const DEFAULT_MAX_RETRY_WAIT: Duration = Duration::from_secs(120);
-
 /// The validated configuration of the worker and of its subcommands.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -98,18 +79,6 @@ pub struct RetryConfig {
     pub backoff: Backoff,
 }
 
-impl Default for RetryConfig {
-    fn default() -> Self {
-        RetryConfig {
-            http_codes: DEFAULT_RETRY_HTTP_CODES.to_vec(),
-            max_attempts: NonZeroU32::new(DEFAULT_MAX_RETRY_ATTEMPTS).expect("non-zero"),
-            initial_wait: DEFAULT_INITIAL_RETRY_WAIT,
-            max_wait: DEFAULT_MAX_RETRY_WAIT,
-            backoff: Backoff::Exponential,
-        }
-    }
-}
-
 /// A variable whose value cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -130,404 +99,493 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Reads typed values from a lookup, remembering the variable for errors.
-struct Vars<F> {
-    lookup: F,
+/// The value a setting takes when its variable is unset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DefaultIs {
+    /// This text, read exactly as if the variable held it.
+    Value(&'static str),
+    /// Whatever the named setting ends up with (its variable, or its own default).
+    Same(&'static str),
+    /// No value: the feature is off.
+    Unset,
 }
 
-impl<F: Fn(&str) -> Option<String>> Vars<F> {
-    fn get(&self, var: &str) -> Option<String> {
-        (self.lookup)(var)
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
-    }
+/// What a setting's parser says of a value it refuses: what it expected instead.
+type Refusal = String;
 
-    fn parse<T>(
-        &self,
-        var: &'static str,
-        default: T,
-        expected: &str,
-        parse: impl Fn(&str) -> Option<T>,
-    ) -> Result<T, ConfigError> {
-        match self.get(var) {
-            None => Ok(default),
-            Some(value) => parse(&value).ok_or_else(|| ConfigError {
-                var,
-                expected: expected.to_string(),
-                value,
-            }),
-        }
-    }
+/// One environment variable, defined once: parsing, `--help` and the README table all come from
+/// here. To add a setting, add an entry to [`SETTINGS`] (and its field to [`Config`]).
+pub(crate) struct Setting {
+    pub(crate) name: &'static str,
+    pub(crate) default: DefaultIs,
+    /// One line for `--help` and the README.
+    pub(crate) help: &'static str,
+    /// Reads a value into the draft, or says what it expected.
+    apply: fn(&mut Draft, &str) -> Result<(), Refusal>,
+}
 
-    fn string(&self, var: &str, default: &str) -> String {
-        self.get(var).unwrap_or_else(|| default.to_string())
-    }
+/// A [`Config`] being built, with the values that only exist to build it.
+struct Draft {
+    c: Config,
+    nats_host: String,
+    nats_port: u16,
+}
 
-    fn duration(&self, var: &'static str, default: Duration) -> Result<Duration, ConfigError> {
-        self.parse(
-            var,
-            default,
-            "a duration such as 500ms, 30s, 1m or 1m30s",
-            parse_duration,
-        )
-    }
+const NAME: &str = "a name of letters, digits, '-' and '_' (no '.', '*', '>' or spaces)";
+const SUBJECT: &str = "a NATS subject without spaces or wildcards";
+const DURATION: &str = "a duration such as 500ms, 30s, 1m or 1m30s";
+const BOOL: &str = "true or false";
 
-    fn flag(&self, var: &'static str) -> Result<bool, ConfigError> {
-        self.parse(var, false, "true or false", parse_bool)
-    }
+/// Parses with `parse`, or refuses with `expected`.
+fn with<T>(v: &str, expected: &str, parse: impl FnOnce(&str) -> Option<T>) -> Result<T, Refusal> {
+    parse(v).ok_or_else(|| expected.to_string())
+}
 
-    fn number<T: std::str::FromStr>(
-        &self,
-        var: &'static str,
-        default: T,
-        expected: &str,
-    ) -> Result<T, ConfigError> {
-        self.parse(var, default, expected, |s| s.parse().ok())
+fn duration(v: &str) -> Result<Duration, Refusal> {
+    with(v, DURATION, parse_duration)
+}
+
+fn positive_duration(v: &str) -> Result<Duration, Refusal> {
+    match duration(v)? {
+        d if d.is_zero() => Err("a duration above zero".into()),
+        d => Ok(d),
     }
+}
+
+fn flag(v: &str) -> Result<bool, Refusal> {
+    with(v, BOOL, parse_bool)
+}
+
+/// Every setting, in the order of `--help` and the README. Defaults are written as values of
+/// the variable itself.
+pub(crate) const SETTINGS: &[Setting] = &[
+    Setting {
+        name: "nats_host",
+        default: DefaultIs::Value("127.0.0.1"),
+        help: "NATS server host",
+        apply: |d, v| {
+            d.nats_host = with(v, "a host name or IP address", |v| {
+                (!v.contains(['/', ' ', ','])).then(|| v.to_string())
+            })?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_port",
+        default: DefaultIs::Value("4222"),
+        help: "NATS server port",
+        apply: |d, v| {
+            d.nats_port = with(v, "a port number from 1 to 65535", |v| {
+                v.parse().ok().filter(|p| *p > 0)
+            })?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_url",
+        default: DefaultIs::Unset,
+        help: "comma-separated `nats://` URLs of a cluster; overrides host/port",
+        apply: |d, v| {
+            d.c.nats_urls = with(v, "comma-separated nats://host:port URLs", parse_nats_urls)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_stream",
+        default: DefaultIs::Value("faas-request"),
+        help: "stream",
+        apply: |d, v| {
+            d.c.stream = with(v, NAME, valid_name)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "queue_name",
+        default: DefaultIs::Same("nats_stream"),
+        help: "subject of the queue",
+        apply: |d, v| {
+            d.c.subject = with(v, SUBJECT, valid_subject)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_durable",
+        default: DefaultIs::Value("faas-workers"),
+        help: "durable pull consumer",
+        apply: |d, v| {
+            d.c.durable = with(v, NAME, valid_name)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_stream_replicas",
+        default: DefaultIs::Value("1"),
+        help: "replicas when the worker creates the stream",
+        apply: |d, v| {
+            d.c.replicas = with(v, "a number of replicas from 1 to 5", |v| {
+                v.parse().ok().filter(|r| (1..=5).contains(r))
+            })?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_stream_storage",
+        default: DefaultIs::Value("file"),
+        help: "`file` or `memory`, when the worker creates the stream",
+        apply: |d, v| {
+            d.c.storage = with(v, "file or memory", |v| {
+                match v.to_ascii_lowercase().as_str() {
+                    "file" => Some(Storage::File),
+                    "memory" => Some(Storage::Memory),
+                    _ => None,
+                }
+            })?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "gateway_url",
+        default: DefaultIs::Value("http://127.0.0.1:8080"),
+        help: "where `/function/NAME` is called",
+        apply: |d, v| {
+            d.c.gateway_url = with(v, gateway_expected(), parse_gateway_url)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "max_inflight",
+        default: DefaultIs::Value("50"),
+        help: "concurrent invocations = worker threads",
+        apply: |d, v| {
+            d.c.max_inflight = with(v, "a whole number from 1 to 10000", |v| {
+                v.parse().ok().filter(|n: &NonZeroUsize| n.get() <= 10_000)
+            })?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "max_ack_pending",
+        default: DefaultIs::Value("1000"),
+        help: "consumer limit on running plus waiting messages (raised to `max_inflight` if that is larger)",
+        apply: |d, v| {
+            d.c.max_ack_pending = with(v, "a whole number >= max_inflight", |v| v.parse().ok())?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "ack_wait",
+        default: DefaultIs::Value("60s"),
+        help: "consumer ack wait; long invocations are kept alive with in-progress acks",
+        apply: |d, v| {
+            d.c.ack_wait = positive_duration(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "upstream_timeout",
+        default: DefaultIs::Value("1m"),
+        help: "HTTP timeout of one invocation (enforced in 50 ms steps)",
+        apply: |d, v| {
+            d.c.upstream_timeout = positive_duration(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "drain_timeout",
+        default: DefaultIs::Same("upstream_timeout"),
+        help: "grace period for in-flight work on SIGTERM",
+        apply: |d, v| {
+            d.c.drain_timeout = duration(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "callback_timeout",
+        default: DefaultIs::Value("30s"),
+        help: "HTTP timeout of one callback",
+        apply: |d, v| {
+            d.c.callback_timeout = positive_duration(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "max_response_bytes",
+        default: DefaultIs::Value("16777216"),
+        help: "largest function response body read; larger ones fail without retry (as do response heads over 8 KiB)",
+        apply: |d, v| {
+            d.c.max_response_bytes = with(v, "a number of bytes above zero", |v| {
+                v.parse().ok().filter(|n| *n > 0)
+            })?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "retry_http_codes",
+        default: DefaultIs::Value("408,429,500,502,503,504"),
+        help: "statuses that are retried",
+        apply: |d, v| {
+            d.c.retry.http_codes = with(
+                v,
+                "comma-separated HTTP status codes such as 429,502,503",
+                parse_status_codes,
+            )?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "max_retry_attempts",
+        default: DefaultIs::Value("100"),
+        help: "attempts in total before a message is given up",
+        apply: |d, v| {
+            d.c.retry.max_attempts =
+                with(v, "a whole number of attempts from 1", |v| v.parse().ok())?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "initial_retry_wait",
+        default: DefaultIs::Value("10s"),
+        help: "first retry delay (`0s` allowed)",
+        apply: |d, v| {
+            d.c.retry.initial_wait = duration(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "max_retry_wait",
+        default: DefaultIs::Value("120s"),
+        help: "cap on any retry delay",
+        apply: |d, v| {
+            d.c.retry.max_wait = duration(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "backoff",
+        default: DefaultIs::Value("exponential"),
+        help: "`exponential` (no jitter), `full` or `equal` jitter",
+        apply: |d, v| {
+            d.c.retry.backoff = with(v, "exponential, full or equal", parse_backoff)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "dead_letter_subject",
+        default: DefaultIs::Unset,
+        help: "where given-up requests are published",
+        apply: |d, v| {
+            d.c.dead_letter_subject = Some(with(v, SUBJECT, valid_subject)?);
+            Ok(())
+        },
+    },
+    Setting {
+        name: "log_encoding",
+        default: DefaultIs::Value("console"),
+        help: "`console` or `json`",
+        apply: |d, v| {
+            d.c.log.encoding = with(v, "console or json", |v| {
+                match v.to_ascii_lowercase().as_str() {
+                    "console" | "text" => Some(LogEncoding::Console),
+                    "json" => Some(LogEncoding::Json),
+                    _ => None,
+                }
+            })?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "debug",
+        default: DefaultIs::Value("false"),
+        help: "debug logging of the worker (`RUST_LOG` also works)",
+        apply: |d, v| {
+            d.c.log.debug = flag(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "print_request_body",
+        default: DefaultIs::Value("false"),
+        help: "log request bodies at info level (they may hold secrets)",
+        apply: |d, v| {
+            d.c.log.print_request_body = flag(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "print_response_body",
+        default: DefaultIs::Value("false"),
+        help: "log response bodies at info level (they may hold secrets)",
+        apply: |d, v| {
+            d.c.log.print_response_body = flag(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "metrics_port",
+        default: DefaultIs::Value("8081"),
+        help: "port of `/metrics`, `/healthz`, `/readyz` (`0`: any free port, logged)",
+        apply: |d, v| {
+            d.c.metrics_port = with(v, "a port number from 0 to 65535", |v| v.parse().ok())?;
+            Ok(())
+        },
+    },
+];
+
+/// The setting named `name`.
+fn setting(name: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.name == name)
 }
 
 impl Config {
-    /// Reads and validates every variable. `lookup` returns a variable's value, if set.
+    /// Reads and validates every setting. `lookup` returns a variable's value, if set; an empty
+    /// value counts as unset.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let vars = Vars { lookup };
-        let nats_urls = match vars.get("nats_url") {
-            Some(list) => parse_nats_urls(&list).ok_or_else(|| ConfigError {
-                var: "nats_url",
-                value: list.clone(),
-                expected: "comma-separated nats://host:port URLs".into(),
-            })?,
-            None => {
-                let host = vars.string("nats_host", DEFAULT_NATS_HOST);
-                if host.contains(['/', ' ', ',']) {
-                    return Err(ConfigError {
-                        var: "nats_host",
-                        value: host,
-                        expected: "a host name or IP address".into(),
-                    });
+        let get = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        // The text a setting is read from: its variable, else its default (followed through
+        // `Same`), else nothing.
+        let effective = |s: &Setting| -> Option<String> {
+            let mut s = s;
+            loop {
+                if let Some(v) = get(s.name) {
+                    return Some(v);
                 }
-                let port: u16 = vars.parse(
-                    "nats_port",
-                    DEFAULT_NATS_PORT,
-                    "a port number from 1 to 65535",
-                    |s| s.parse().ok().filter(|p| *p > 0),
-                )?;
-                vec![format!("nats://{host}:{port}")]
+                match s.default {
+                    DefaultIs::Value(v) => return Some(v.to_string()),
+                    DefaultIs::Unset => return None,
+                    DefaultIs::Same(other) => s = setting(other).expect("Same names a setting"),
+                }
             }
         };
-        let name_expected = "a name of letters, digits, '-' and '_' (no '.', '*', '>' or spaces)";
-        let stream = vars.parse(
-            "nats_stream",
-            DEFAULT_STREAM.to_string(),
-            name_expected,
-            valid_name,
-        )?;
-        let subject = vars.parse(
-            "queue_name",
-            stream.clone(),
-            "a NATS subject without spaces or wildcards",
-            valid_subject,
-        )?;
-        let durable = vars.parse(
-            "nats_durable",
-            DEFAULT_DURABLE.to_string(),
-            name_expected,
-            valid_name,
-        )?;
-        let replicas = vars.parse(
-            "nats_stream_replicas",
-            DEFAULT_REPLICAS,
-            "a number of replicas from 1 to 5",
-            |s| s.parse().ok().filter(|r| (1..=5).contains(r)),
-        )?;
-        let storage = vars.parse(
-            "nats_stream_storage",
-            Storage::File,
-            "file or memory",
-            |s| match s.to_ascii_lowercase().as_str() {
-                "file" => Some(Storage::File),
-                "memory" => Some(Storage::Memory),
-                _ => None,
-            },
-        )?;
-        let gateway_url = vars.parse(
-            "gateway_url",
-            DEFAULT_GATEWAY_URL.to_string(),
-            gateway_expected(),
-            parse_gateway_url,
-        )?;
-        let max_inflight: NonZeroUsize = vars.parse(
-            "max_inflight",
-            NonZeroUsize::new(DEFAULT_MAX_INFLIGHT).expect("non-zero"),
-            "a whole number from 1 to 10000",
-            |s| s.parse().ok().filter(|n: &NonZeroUsize| n.get() <= 10_000),
-        )?;
-        let max_ack_pending = vars.parse(
-            "max_ack_pending",
-            DEFAULT_MAX_ACK_PENDING.max(max_inflight.get()),
-            &format!("a whole number >= max_inflight ({max_inflight})"),
-            |s| s.parse().ok().filter(|n| *n >= max_inflight.get()),
-        )?;
-        let positive = |var, default| {
-            let d = vars.duration(var, default)?;
-            if d.is_zero() {
-                return Err(ConfigError {
-                    var,
-                    value: vars.get(var).unwrap_or_default(),
-                    expected: "a duration above zero".into(),
-                });
-            }
-            Ok(d)
+        let mut draft = Draft {
+            c: Config::blank(),
+            nats_host: String::new(),
+            nats_port: 0,
         };
-        let ack_wait = positive("ack_wait", DEFAULT_ACK_WAIT)?;
-        let upstream_timeout = positive("upstream_timeout", DEFAULT_UPSTREAM_TIMEOUT)?;
-        let drain_timeout = vars.duration("drain_timeout", upstream_timeout)?;
-        let callback_timeout = positive("callback_timeout", DEFAULT_CALLBACK_TIMEOUT)?;
-        let max_response_bytes = vars.parse(
-            "max_response_bytes",
-            DEFAULT_MAX_RESPONSE_BYTES,
-            "a number of bytes above zero",
-            |s| s.parse().ok().filter(|n| *n > 0),
-        )?;
-        let encoding = vars.parse(
-            "log_encoding",
-            LogEncoding::Console,
-            "console or json",
-            |s| match s.to_ascii_lowercase().as_str() {
-                "console" | "text" => Some(LogEncoding::Console),
-                "json" => Some(LogEncoding::Json),
-                _ => None,
-            },
-        )?;
-        let log = LogConfig {
-            encoding,
-            debug: vars.flag("debug")?,
-            print_request_body: vars.flag("print_request_body")?,
-            print_response_body: vars.flag("print_response_body")?,
-        };
-        let metrics_port = vars.number(
-            "metrics_port",
-            DEFAULT_METRICS_PORT,
-            "a port number from 0 to 65535",
-        )?;
-
-        let http_codes = vars.parse(
-            "retry_http_codes",
-            DEFAULT_RETRY_HTTP_CODES.to_vec(),
-            "comma-separated HTTP status codes such as 429,502,503",
-            parse_status_codes,
-        )?;
-        let max_attempts = vars.number(
-            "max_retry_attempts",
-            NonZeroU32::new(DEFAULT_MAX_RETRY_ATTEMPTS).expect("non-zero"),
-            "a whole number of attempts from 1",
-        )?;
-        let initial_wait = vars.duration("initial_retry_wait", DEFAULT_INITIAL_RETRY_WAIT)?;
-        let max_wait = vars.duration("max_retry_wait", DEFAULT_MAX_RETRY_WAIT)?;
-        if max_wait < initial_wait {
-            return Err(ConfigError {
-                var: "max_retry_wait",
-                value: vars.get("max_retry_wait").unwrap_or_else(|| "120s".into()),
-                expected: format!("a duration >= initial_retry_wait ({initial_wait:?})"),
-            });
+        for s in SETTINGS {
+            let Some(value) = effective(s) else { continue };
+            (s.apply)(&mut draft, &value).map_err(|expected| ConfigError {
+                var: s.name,
+                value,
+                expected,
+            })?;
         }
-        let backoff = vars.parse(
-            "backoff",
-            Backoff::Exponential,
-            "exponential, full or equal",
-            parse_backoff,
-        )?;
-        let dead_letter_subject = match vars.get("dead_letter_subject") {
-            None => None,
-            Some(s) => Some(valid_subject(&s).ok_or_else(|| ConfigError {
-                var: "dead_letter_subject",
-                value: s.clone(),
-                expected: "a NATS subject without spaces or wildcards".into(),
-            })?),
-        };
-        if dead_letter_subject.as_deref() == Some(subject.as_str()) {
-            return Err(ConfigError {
-                var: "dead_letter_subject",
-                value: subject,
-                expected: "a subject other than queue_name".into(),
-            });
+        let Draft {
+            mut c,
+            nats_host,
+            nats_port,
+        } = draft;
+        if c.nats_urls.is_empty() {
+            c.nats_urls = vec![format!("nats://{nats_host}:{nats_port}")];
         }
-
-        Ok(Config {
-            nats_urls,
-            stream,
-            subject,
-            durable,
-            replicas,
-            storage,
-            gateway_url,
-            max_inflight,
-            max_ack_pending,
-            ack_wait,
-            upstream_timeout,
-            drain_timeout,
-            callback_timeout,
-            max_response_bytes,
-            log,
-            metrics_port,
-            retry: RetryConfig {
-                http_codes,
-                max_attempts,
-                initial_wait,
-                max_wait,
-                backoff,
-            },
-            dead_letter_subject,
-        })
+        // Rules between settings.
+        let refuse = |var: &'static str, expected: String| ConfigError {
+            var,
+            value: effective(setting(var).expect("a setting")).unwrap_or_default(),
+            expected,
+        };
+        if get("max_ack_pending").is_none() {
+            c.max_ack_pending = c.max_ack_pending.max(c.max_inflight.get());
+        } else if c.max_ack_pending < c.max_inflight.get() {
+            let expected = format!("a whole number >= max_inflight ({})", c.max_inflight);
+            return Err(refuse("max_ack_pending", expected));
+        }
+        if c.retry.max_wait < c.retry.initial_wait {
+            let expected = format!(
+                "a duration >= initial_retry_wait ({:?})",
+                c.retry.initial_wait
+            );
+            return Err(refuse("max_retry_wait", expected));
+        }
+        if c.dead_letter_subject.as_deref() == Some(c.subject.as_str()) {
+            return Err(refuse(
+                "dead_letter_subject",
+                "a subject other than queue_name".into(),
+            ));
+        }
+        Ok(c)
     }
 
-    /// The configuration with every default, as used by tests and `--help`.
+    /// The configuration with every default, as used by tests.
     pub fn defaults() -> Config {
         Config::from_lookup(|_| None).expect("the defaults are valid")
+    }
+
+    /// Placeholders, each overwritten by its setting's default in [`Config::from_lookup`].
+    fn blank() -> Config {
+        Config {
+            nats_urls: Vec::new(),
+            stream: String::new(),
+            subject: String::new(),
+            durable: String::new(),
+            replicas: 0,
+            storage: Storage::File,
+            gateway_url: String::new(),
+            max_inflight: NonZeroUsize::MIN,
+            max_ack_pending: 0,
+            ack_wait: Duration::ZERO,
+            upstream_timeout: Duration::ZERO,
+            drain_timeout: Duration::ZERO,
+            callback_timeout: Duration::ZERO,
+            max_response_bytes: 0,
+            log: LogConfig {
+                encoding: LogEncoding::Console,
+                debug: false,
+                print_request_body: false,
+                print_response_body: false,
+            },
+            metrics_port: 0,
+            retry: RetryConfig {
+                http_codes: Vec::new(),
+                max_attempts: NonZeroU32::MIN,
+                initial_wait: Duration::ZERO,
+                max_wait: Duration::ZERO,
+                backoff: Backoff::Exponential,
+            },
+            dead_letter_subject: None,
+        }
+    }
+}
+
+impl Setting {
+    /// The default as `--help` and the README show it.
+    fn shown_default(&self) -> String {
+        match self.default {
+            DefaultIs::Value(v) => v.to_string(),
+            DefaultIs::Same(other) => format!("({other})"),
+            DefaultIs::Unset => "unset".to_string(),
+        }
     }
 }
 
 /// The environment variables with their defaults and meanings, for `--help`.
 pub fn help() -> String {
-    let rows: &[(&str, String, &str)] = &[
-        ("nats_host", DEFAULT_NATS_HOST.into(), "NATS server host"),
-        (
-            "nats_port",
-            DEFAULT_NATS_PORT.to_string(),
-            "NATS server port",
-        ),
-        (
-            "nats_url",
-            "unset".into(),
-            "comma-separated nats:// URLs of a cluster; overrides host/port",
-        ),
-        ("nats_stream", DEFAULT_STREAM.into(), "JetStream stream"),
-        ("queue_name", "(nats_stream)".into(), "subject of the queue"),
-        (
-            "nats_durable",
-            DEFAULT_DURABLE.into(),
-            "durable pull consumer",
-        ),
-        (
-            "nats_stream_replicas",
-            DEFAULT_REPLICAS.to_string(),
-            "replicas when the worker creates the stream",
-        ),
-        (
-            "gateway_url",
-            DEFAULT_GATEWAY_URL.into(),
-            "where /function/<name> is called",
-        ),
-        (
-            "max_inflight",
-            DEFAULT_MAX_INFLIGHT.to_string(),
-            "concurrent invocations = worker threads",
-        ),
-        (
-            "max_ack_pending",
-            format!("{DEFAULT_MAX_ACK_PENDING} (>= max_inflight)"),
-            "consumer limit on running + waiting messages",
-        ),
-        (
-            "ack_wait",
-            go_duration(DEFAULT_ACK_WAIT),
-            "consumer ack wait; long invocations are kept alive",
-        ),
-        (
-            "upstream_timeout",
-            go_duration(DEFAULT_UPSTREAM_TIMEOUT),
-            "per-invocation HTTP timeout",
-        ),
-        (
-            "drain_timeout",
-            "(upstream_timeout)".into(),
-            "grace period for in-flight work on SIGTERM",
-        ),
-        (
-            "callback_timeout",
-            go_duration(DEFAULT_CALLBACK_TIMEOUT),
-            "HTTP timeout of a callback",
-        ),
-        (
-            "max_response_bytes",
-            DEFAULT_MAX_RESPONSE_BYTES.to_string(),
-            "largest function response read",
-        ),
-        (
-            "retry_http_codes",
-            join_codes(DEFAULT_RETRY_HTTP_CODES),
-            "statuses that are retried",
-        ),
-        (
-            "max_retry_attempts",
-            DEFAULT_MAX_RETRY_ATTEMPTS.to_string(),
-            "total attempts before a message is given up",
-        ),
-        (
-            "initial_retry_wait",
-            go_duration(DEFAULT_INITIAL_RETRY_WAIT),
-            "first retry delay (0s allowed)",
-        ),
-        (
-            "max_retry_wait",
-            go_duration(DEFAULT_MAX_RETRY_WAIT),
-            "cap on any retry delay",
-        ),
-        (
-            "backoff",
-            "exponential".into(),
-            "exponential (no jitter), full or equal jitter",
-        ),
-        (
-            "dead_letter_subject",
-            "unset".into(),
-            "where given-up requests are published",
-        ),
-        ("log_encoding", "console".into(), "console or json"),
-        (
-            "debug",
-            "false".into(),
-            "debug logging (RUST_LOG also works)",
-        ),
-        (
-            "print_request_body",
-            "false".into(),
-            "log request bodies (debug level)",
-        ),
-        (
-            "print_response_body",
-            "false".into(),
-            "log response bodies (debug level)",
-        ),
-        (
-            "metrics_port",
-            DEFAULT_METRICS_PORT.to_string(),
-            "HTTP port of /metrics, /healthz, /readyz",
-        ),
-    ];
-    let mut out = String::from("Environment variables (default in brackets):\n");
-    for (name, default, meaning) in rows {
-        out.push_str(&format!("  {name:<22} {meaning} [{default}]\n"));
+    let mut out = String::from("Environment variables [default]:\n");
+    for s in SETTINGS {
+        let line = s.help.replace('`', "");
+        out.push_str(&format!(
+            "  {:<22} {line} [{}]\n",
+            s.name,
+            s.shown_default()
+        ));
     }
     out
 }
 
-/// Formats a whole-second duration the way Go prints it, for help texts.
-fn go_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    match (s / 3600, s % 3600 / 60, s % 60) {
-        (0, 0, s) => format!("{s}s"),
-        (0, m, 0) => format!("{m}m"),
-        (0, m, s) => format!("{m}m{s}s"),
-        (h, m, s) => format!("{h}h{m}m{s}s"),
+/// The README's settings table, in Markdown.
+pub fn markdown_table() -> String {
+    let mut out = String::from("| variable | default | meaning |\n|---|---|---|\n");
+    for s in SETTINGS {
+        let default = match s.default {
+            DefaultIs::Value(v) => format!("`{v}`"),
+            _ => s.shown_default(),
+        };
+        out.push_str(&format!("| `{}` | {default} | {} |\n", s.name, s.help));
     }
-}
-
-fn join_codes(codes: &[u16]) -> String {
-    codes
-        .iter()
-        .map(u16::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
+    out
 }
 
 /// Parses a Go duration (`300ms`, `1.5s`, `1m30s`, `0`); negative durations are refused.
@@ -659,7 +717,6 @@ mod tests {
         assert_eq!(c.log.encoding, LogEncoding::Console);
         assert!(!c.log.debug);
         assert_eq!(c.metrics_port, 8081);
-        assert_eq!(c.retry, RetryConfig::default());
         assert_eq!(c.retry.http_codes, vec![408, 429, 500, 502, 503, 504]);
         assert_eq!(c.dead_letter_subject, None);
     }
@@ -811,8 +868,6 @@ mod tests {
         assert_eq!(parse_duration("30"), None);
         assert_eq!(parse_duration("-1s"), None);
         assert_eq!(parse_duration("1 m"), None);
-        assert_eq!(go_duration(Duration::from_secs(90)), "1m30s");
-        assert_eq!(go_duration(Duration::from_secs(60)), "1m");
     }
 
     #[test]
@@ -843,5 +898,46 @@ mod tests {
             assert!(text.contains(var), "help lacks {var}");
         }
         assert!(text.contains("[faas-workers]") && text.contains("[1m]") && text.contains("[50]"));
+    }
+
+    /// The README's table is [`markdown_table`]; `BLESS=1 cargo test readme` rewrites it.
+    #[test]
+    fn readme_settings_table_is_generated_from_the_settings() {
+        const START: &str = "-->\n";
+        const END: &str = "<!-- end of settings table -->";
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+        let readme = std::fs::read_to_string(path).unwrap();
+        let marker = readme
+            .find("<!-- settings table")
+            .expect("README has the table marker");
+        let start = marker + readme[marker..].find(START).unwrap() + START.len();
+        let end = readme.find(END).expect("README has the end marker");
+        let table = markdown_table();
+        if readme[start..end] == table {
+            return;
+        }
+        if std::env::var_os("BLESS").is_some() {
+            let updated = format!("{}{table}{}", &readme[..start], &readme[end..]);
+            std::fs::write(path, updated).unwrap();
+            return;
+        }
+        panic!("README.md's settings table is stale: run `BLESS=1 cargo test readme`\n{table}");
+    }
+
+    #[test]
+    fn every_setting_is_documented_once_and_its_default_parses() {
+        let mut names = std::collections::HashSet::new();
+        for s in SETTINGS {
+            assert!(names.insert(s.name), "{} is defined twice", s.name);
+            assert!(!s.help.is_empty(), "{} has no help line", s.name);
+            if let DefaultIs::Same(other) = s.default {
+                assert!(
+                    setting(other).is_some(),
+                    "{} follows unknown {other}",
+                    s.name
+                );
+            }
+        }
+        Config::defaults();
     }
 }

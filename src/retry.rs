@@ -150,7 +150,7 @@ mod tests {
             initial_wait: Duration::from_secs(initial),
             max_wait: Duration::from_secs(max),
             backoff,
-            ..RetryConfig::default()
+            ..crate::Config::defaults().retry
         })
     }
 
@@ -253,7 +253,7 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let (p, bad) = RetryPolicy::for_request(&RetryConfig::default(), &ann);
+        let (p, bad) = RetryPolicy::for_request(&crate::Config::defaults().retry, &ann);
         assert!(bad.is_empty());
         assert_eq!(p.max_attempts(), 3);
         assert_eq!(p.0.http_codes, vec![429, 503]);
@@ -272,7 +272,7 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let defaults = RetryConfig::default();
+        let defaults = crate::Config::defaults().retry;
         let (p, bad) = RetryPolicy::for_request(&defaults, &ann);
         assert_eq!(p.0, defaults);
         let keys: Vec<_> = bad.iter().map(|b| b.key).collect();
