@@ -19,6 +19,10 @@ lock = threading.Lock()
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # One write per response, sent at once: unbuffered, http.server writes the head and the body
+    # separately, and Nagle's algorithm holds the body until the client's delayed ACK (~40 ms).
+    disable_nagle_algorithm = True
+    wbufsize = 64 * 1024
 
     def do_POST(self):
         url = urlparse(self.path)
