@@ -43,6 +43,8 @@ const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(5);
 /// Publishes in flight before the publisher waits for acknowledgements.
 const PUBLISH_WINDOW: usize = 512;
 const PUBLISH_TRIES: u32 = 3;
+/// How long a JetStream API request made here waits for its answer (the crate's own wait).
+const API_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What went wrong, and at which step.
 #[derive(Debug)]
@@ -57,6 +59,10 @@ pub enum BrokerError {
     Closed,
     /// A publish was not acknowledged.
     Publish(String),
+    /// The server has no JetStream.
+    NoJetStream,
+    /// Streams or consumers on the server stand in the way; says which and what to set.
+    Conflict(String),
 }
 
 impl fmt::Display for BrokerError {
@@ -69,6 +75,12 @@ impl fmt::Display for BrokerError {
             BrokerError::Api { step, source } => write!(f, "{step}: {source}"),
             BrokerError::Closed => write!(f, "the NATS connection is closed"),
             BrokerError::Publish(why) => write!(f, "publish failed: {why}"),
+            BrokerError::NoJetStream => write!(
+                f,
+                "this NATS server has no JetStream enabled (start nats-server with -js, or \
+                 `jetstream {{}}` in its config; OpenFaaS CE's NATS Streaming will not do)"
+            ),
+            BrokerError::Conflict(why) => write!(f, "{why}"),
         }
     }
 }
@@ -79,6 +91,15 @@ impl std::error::Error for BrokerError {
             BrokerError::Connect { source, .. } | BrokerError::Api { source, .. } => Some(source),
             _ => None,
         }
+    }
+}
+
+/// A JetStream API request that nobody answered: the server runs without JetStream.
+fn no_jetstream(e: io::Error) -> Result<BrokerError, io::Error> {
+    if e.kind() == io::ErrorKind::NotFound || e.to_string().contains("no responders") {
+        Ok(BrokerError::NoJetStream)
+    } else {
+        Err(e)
     }
 }
 
@@ -108,7 +129,12 @@ pub struct Broker {
 /// The stream and consumer the worker uses.
 #[derive(Debug, Clone)]
 pub struct QueueSpec {
+    /// The stream: the one to create when no stream captures `subject`, until [`Broker::ensure`]
+    /// finds the one that does (then the caller stores [`Bound::stream`] here).
     pub stream: String,
+    /// Whether `stream` was configured (`nats_stream`) rather than derived (`OF_<queue>`).
+    pub stream_configured: bool,
+    /// The queue `Q`: its messages are on `Q` and on every subject under it, `Q.>`.
     pub subject: String,
     pub durable: String,
     pub replicas: usize,
@@ -124,6 +150,8 @@ pub struct QueueSpec {
 /// What the worker found (or made) on the server.
 #[derive(Debug, Clone)]
 pub struct Bound {
+    /// The stream that holds the queue.
+    pub stream: String,
     /// The consumer's ack wait, which may differ from the configured one.
     pub ack_wait: Duration,
     /// Settings of an existing stream or consumer that break or limit the worker.
@@ -141,6 +169,8 @@ pub struct QueueState {
     pub bytes: u64,
     /// Sequence of the last message that entered the stream.
     pub last_seq: u64,
+    /// Whether the durable consumer exists (the worker creates it at start).
+    pub consumer_created: bool,
     /// Messages not yet delivered to the consumer.
     pub pending: u64,
     /// Messages delivered and not yet acknowledged (running or waiting for a retry).
@@ -241,19 +271,21 @@ impl Broker {
     /// Ensures the stream and the durable pull consumer, creating what is missing; existing
     /// ones are used as they are, with a warning for each setting that breaks the worker.
     pub fn ensure(&self, spec: &QueueSpec) -> Result<Bound, BrokerError> {
-        let mut warnings = Vec::new();
-        match self.stream_info(&spec.stream)? {
-            Some(info) => check_stream(&info, spec, &mut warnings),
-            None => self.create_stream(spec)?,
-        }
+        let (stream, mut warnings) = self.ensure_stream(spec)?;
+        let spec = &QueueSpec {
+            stream: stream.name.clone(),
+            ..spec.clone()
+        };
+        let filter = consumer_filter(&stream.subjects, &spec.subject, &mut warnings);
         let info = match self.consumer_info(&spec.stream, &spec.durable)? {
             Some(info) => {
                 check_consumer(&info, spec, &mut warnings);
                 info
             }
-            None => self.create_consumer(spec)?,
+            None => self.create_consumer(spec, &filter)?,
         };
         Ok(Bound {
+            stream: stream.name,
             ack_wait: if info.config.ack_wait.is_zero() {
                 spec.ack_wait
             } else {
@@ -261,6 +293,98 @@ impl Broker {
             },
             warnings,
         })
+    }
+
+    /// Finds the stream that captures the queue's subject, or creates `spec.stream` on `Q` and
+    /// `Q.>` when none does. Never makes a consumer (the `publish` command uses this alone).
+    /// Returns the stream with the warnings about its settings.
+    pub fn ensure_stream(&self, spec: &QueueSpec) -> Result<(QueueStream, Vec<String>), BrokerError> {
+        let mut warnings = Vec::new();
+        let stream = match self.find_stream(&spec.subject)? {
+            Found::Captures(info) => {
+                check_stream(&info, spec, &mut warnings);
+                if info.config.name != spec.stream {
+                    if spec.stream_configured {
+                        warnings.push(format!(
+                            "nats_stream={} is not used: stream {} already captures subject {}",
+                            spec.stream, info.config.name, spec.subject
+                        ));
+                    } else {
+                        log::info!(
+                            "using stream {}, which captures subject {}",
+                            info.config.name,
+                            spec.subject
+                        );
+                    }
+                }
+                QueueStream::from(&info)
+            }
+            Found::Overlaps(others) => return Err(BrokerError::Conflict(conflict(spec, &others))),
+            Found::None => match self.stream_info(&spec.stream)? {
+                // A stream of that name exists but holds other subjects.
+                Some(info) => return Err(BrokerError::Conflict(conflict(spec, &[info]))),
+                None => self.create_stream(spec)?,
+            },
+        };
+        Ok((stream, warnings))
+    }
+
+    /// The name of the stream that holds the queue (for `status`): the one that captures its
+    /// subject, else the configured or default name.
+    pub fn queue_stream(&self, spec: &QueueSpec) -> Result<String, BrokerError> {
+        Ok(match self.find_stream(&spec.subject)? {
+            Found::Captures(info) => info.config.name,
+            _ => spec.stream.clone(),
+        })
+    }
+
+    /// The stream that captures `subject`, or those whose subjects overlap `subject.>`.
+    fn find_stream(&self, subject: &str) -> Result<Found, BrokerError> {
+        // The server lists the streams whose subjects collide with a filter (nats-server 2.9
+        // misses a stream on `>` for a one-token filter, hence both filters).
+        let mut names = self.stream_names(subject)?;
+        for name in self.stream_names(&format!("{subject}.>"))? {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        let mut overlapping = Vec::new();
+        for name in names {
+            let Some(info) = self.stream_info(&name)? else {
+                continue; // deleted meanwhile
+            };
+            if info.config.subjects.iter().any(|p| subject_matches(p, subject)) {
+                return Ok(Found::Captures(info));
+            }
+            overlapping.push(info);
+        }
+        Ok(if overlapping.is_empty() {
+            Found::None
+        } else {
+            Found::Overlaps(overlapping)
+        })
+    }
+
+    /// `$JS.API.STREAM.NAMES` with a subject filter.
+    fn stream_names(&self, filter: &str) -> Result<Vec<String>, BrokerError> {
+        #[derive(serde::Deserialize)]
+        struct Names {
+            streams: Option<Vec<String>>,
+            error: Option<serde_json::Value>,
+        }
+        let step = || format!("listing the streams on subject {filter}");
+        let request = serde_json::json!({ "subject": filter }).to_string();
+        let reply = self
+            .nc
+            .request_timeout("$JS.API.STREAM.NAMES", request, API_TIMEOUT)
+            .map_err(|e| no_jetstream(e).unwrap_or_else(|e| api(step())(e)))?;
+        let names: Names = serde_json::from_slice(&reply.data).map_err(|e| {
+            api(step())(io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+        })?;
+        if let Some(error) = names.error {
+            return Err(api(step())(io::Error::other(error.to_string())));
+        }
+        Ok(names.streams.unwrap_or_default())
     }
 
     fn stream_info(&self, stream: &str) -> Result<Option<StreamInfo>, BrokerError> {
@@ -290,10 +414,10 @@ impl Broker {
         }
     }
 
-    fn create_stream(&self, spec: &QueueSpec) -> Result<(), BrokerError> {
+    fn create_stream(&self, spec: &QueueSpec) -> Result<QueueStream, BrokerError> {
         let config = StreamConfig {
             name: spec.stream.clone(),
-            subjects: vec![spec.subject.clone()],
+            subjects: queue_subjects(&spec.subject).to_vec(),
             retention: RetentionPolicy::WorkQueue,
             storage: if spec.memory_storage {
                 StorageType::Memory
@@ -306,8 +430,9 @@ impl Broker {
         match self.js.add_stream(config) {
             Ok(_) => {
                 log::info!(
-                    "created stream {} on subject {} (work-queue, {} storage, {} replica(s))",
+                    "created stream {} on subjects {} and {}.> (work-queue, {} storage, {} replica(s))",
                     spec.stream,
+                    spec.subject,
                     spec.subject,
                     if spec.memory_storage {
                         "memory"
@@ -316,17 +441,24 @@ impl Broker {
                     },
                     spec.replicas
                 );
-                Ok(())
+                Ok(QueueStream {
+                    name: spec.stream.clone(),
+                    subjects: queue_subjects(&spec.subject).to_vec(),
+                })
             }
             // Another worker may have created it a moment ago.
-            Err(e) => match self.stream_info(&spec.stream)? {
-                Some(_) => Ok(()),
-                None => Err(api(format!("creating stream {}", spec.stream))(e)),
+            Err(e) => match self.find_stream(&spec.subject)? {
+                Found::Captures(info) => Ok(QueueStream::from(&info)),
+                _ => Err(api(format!("creating stream {}", spec.stream))(e)),
             },
         }
     }
 
-    fn create_consumer(&self, spec: &QueueSpec) -> Result<ConsumerInfo, BrokerError> {
+    fn create_consumer(
+        &self,
+        spec: &QueueSpec,
+        filter: &str,
+    ) -> Result<ConsumerInfo, BrokerError> {
         let config = ConsumerConfig {
             durable_name: Some(spec.durable.clone()),
             deliver_policy: DeliverPolicy::All,
@@ -334,7 +466,7 @@ impl Broker {
             ack_wait: spec.ack_wait,
             // 0 is left out of the request: the server's default, unlimited deliveries.
             max_deliver: 0,
-            filter_subject: spec.subject.clone(),
+            filter_subject: filter.to_string(),
             replay_policy: ReplayPolicy::Instant,
             max_waiting: spec.max_waiting as i64,
             max_ack_pending: spec.max_ack_pending as i64,
@@ -354,6 +486,16 @@ impl Broker {
             }
             Err(e) => match self.consumer_info(&spec.stream, &spec.durable)? {
                 Some(info) => Ok(info),
+                None if matches!(
+                    api_error_code(&e),
+                    Some(
+                        ErrorCode::ConsumerWQConsumerNotUnique
+                            | ErrorCode::ConsumerWQMultipleUnfiltered
+                    )
+                ) =>
+                {
+                    Err(BrokerError::Conflict(self.not_unique(spec)))
+                }
                 None => Err(api(format!(
                     "creating consumer {}/{}",
                     spec.stream, spec.durable
@@ -362,28 +504,56 @@ impl Broker {
         }
     }
 
-    /// Counters of the stream and the consumer.
+    /// Why a work-queue stream refused our consumer: another one already takes its messages.
+    fn not_unique(&self, spec: &QueueSpec) -> String {
+        let others: Vec<String> = match self.js.list_consumers(spec.stream.as_str()) {
+            Ok(list) => list
+                .take(10)
+                .filter_map(Result::ok)
+                .filter_map(|c| c.config.durable_name.or(Some(c.name)))
+                .filter(|name| *name != spec.durable)
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        format!(
+            "work-queue stream {} already has the consumer {} (left by another worker, such as \
+             OpenFaaS's own queue-worker), and a work-queue stream hands each subject to one \
+             consumer only: set nats_durable={} to share it, or remove it with \
+             `nats consumer rm {} {}` once its worker is stopped",
+            spec.stream,
+            others.join(", "),
+            others.first().map_or("<name>", String::as_str),
+            spec.stream,
+            others.first().map_or("<name>", String::as_str),
+        )
+    }
+
+    /// Counters of the stream and the consumer. A consumer not created yet (the worker
+    /// creates it; `publish` does not) counts every stored message as pending.
     pub fn queue_state(&self, stream: &str, durable: &str) -> Result<QueueState, BrokerError> {
         let s = self
             .js
             .stream_info(stream)
             .map_err(api(format!("reading stream {stream}")))?;
-        let c = self
-            .js
-            .consumer_info(stream, durable)
-            .map_err(api(format!("reading consumer {stream}/{durable}")))?;
-        Ok(QueueState {
+        let mut state = QueueState {
             stream: stream.to_string(),
             consumer: durable.to_string(),
             subjects: s.config.subjects,
             messages: s.state.messages,
             bytes: s.state.bytes,
             last_seq: s.state.last_seq,
-            pending: c.num_pending,
-            ack_pending: c.num_ack_pending as u64,
-            redelivered: c.num_redelivered as u64,
-            waiting: c.num_waiting as u64,
-        })
+            consumer_created: false,
+            pending: s.state.messages,
+            ..QueueState::default()
+        };
+        if let Some(c) = self.consumer_info(stream, durable)? {
+            state.consumer_created = true;
+            state.pending = c.num_pending;
+            state.ack_pending = c.num_ack_pending as u64;
+            state.redelivered = c.num_redelivered as u64;
+            state.waiting = c.num_waiting as u64;
+        }
+        Ok(state)
     }
 
     /// Whether the consumer still exists (it may be deleted by hand, or lost with an
@@ -645,15 +815,26 @@ fn check_stream(info: &StreamInfo, spec: &QueueSpec, warnings: &mut Vec<String>)
     if !c.subjects.iter().any(|s| subject_matches(s, &spec.subject)) {
         warnings.push(format!(
             "stream {} does not capture subject {} (its subjects: {}): published requests will not reach it",
-            spec.stream,
+            c.name,
             spec.subject,
             c.subjects.join(", ")
+        ));
+    }
+    if !c.subjects.iter().any(|p| covers_all_under(p, &spec.subject)) {
+        warnings.push(format!(
+            "stream {} does not capture {}.> (its subjects: {}): requests that a current OpenFaaS gateway publishes to {}.<function> will not be stored; add it with `nats stream edit {} --subjects '{}'`",
+            c.name,
+            spec.subject,
+            c.subjects.join(", "),
+            spec.subject,
+            c.name,
+            [c.subjects.clone(), vec![format!("{}.>", spec.subject)]].concat().join(","),
         ));
     }
     if c.retention != RetentionPolicy::WorkQueue {
         warnings.push(format!(
             "stream {} uses {:?} retention, not work-queue: acked requests stay stored",
-            spec.stream, c.retention
+            c.name, c.retention
         ));
     }
 }
@@ -690,10 +871,10 @@ fn check_consumer(info: &ConsumerInfo, spec: &QueueSpec, warnings: &mut Vec<Stri
             c.max_ack_pending
         ));
     }
-    if !c.filter_subject.is_empty() && !subject_matches(&c.filter_subject, &spec.subject) {
+    if !c.filter_subject.is_empty() && !covers_all_under(&c.filter_subject, &spec.subject) {
         warnings.push(format!(
-            "{name} filters on {}, not {}",
-            c.filter_subject, spec.subject
+            "{name} filters on {}: messages on other subjects of the queue ({} and {}.>) are not consumed; delete the consumer to let the worker create it anew",
+            c.filter_subject, spec.subject, spec.subject
         ));
     }
     if c.ack_wait != spec.ack_wait && !c.ack_wait.is_zero() {
@@ -701,6 +882,82 @@ fn check_consumer(info: &ConsumerInfo, spec: &QueueSpec, warnings: &mut Vec<Stri
             "{name} has ack wait {:?}, not the configured {:?}: in-progress acks follow the consumer's",
             c.ack_wait, spec.ack_wait
         ));
+    }
+}
+
+/// A stream that holds the queue: its name and subjects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueStream {
+    pub name: String,
+    pub subjects: Vec<String>,
+}
+
+impl From<&StreamInfo> for QueueStream {
+    fn from(info: &StreamInfo) -> QueueStream {
+        QueueStream {
+            name: info.config.name.clone(),
+            subjects: info.config.subjects.clone(),
+        }
+    }
+}
+
+/// What [`Broker::find_stream`] found.
+enum Found {
+    Captures(StreamInfo),
+    /// No stream captures the queue, but these hold subjects under it.
+    Overlaps(Vec<StreamInfo>),
+    None,
+}
+
+/// The subjects of a queue `q`: `q` itself and everything under it.
+fn queue_subjects(q: &str) -> [String; 2] {
+    [q.to_string(), format!("{q}.>")]
+}
+
+/// The error for streams that hold part of the queue's subjects but not the queue.
+fn conflict(spec: &QueueSpec, others: &[StreamInfo]) -> String {
+    let held: Vec<String> = others
+        .iter()
+        .map(|i| format!("{} (subjects: {})", i.config.name, i.config.subjects.join(", ")))
+        .collect();
+    format!(
+        "cannot create stream {} for the queue {} (subjects {} and {}.>): stream {} already \
+         holds subjects of it; add {} to that stream's subjects (it is then used as it is), or set \
+         queue_name to a queue of its own",
+        spec.stream,
+        spec.subject,
+        spec.subject,
+        spec.subject,
+        held.join(", "),
+        spec.subject,
+    )
+}
+
+/// The consumer filter for the queue in a stream with `subjects`: none when the stream holds
+/// only the queue, else the queue's own subject (one filter cannot name both `Q` and `Q.>`).
+fn consumer_filter(subjects: &[String], q: &str, warnings: &mut Vec<String>) -> String {
+    let ours = |p: &String| subject_matches(q, p) || covers_all_under(&format!("{q}.>"), p);
+    if subjects.iter().all(ours) {
+        return String::new();
+    }
+    warnings.push(format!(
+        "the stream also holds subjects outside the queue {q} ({}): the consumer takes {q} only, not {q}.>",
+        subjects.join(", ")
+    ));
+    q.to_string()
+}
+
+/// Whether the subject pattern `pattern` captures every subject under `q` (`q.>`).
+fn covers_all_under(pattern: &str, q: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = q.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), _) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            _ => return false,
+        }
     }
 }
 
@@ -962,6 +1219,26 @@ mod tests {
         );
         assert_eq!(parse_ack_subject("_INBOX.x"), None);
         assert_eq!(parse_ack_subject("$JS.ACK.a.b.c"), None);
+    }
+
+    #[test]
+    fn what_captures_a_queue() {
+        assert!(covers_all_under("q.>", "q"));
+        assert!(covers_all_under(">", "q"));
+        assert!(covers_all_under("*.>", "q"));
+        assert!(!covers_all_under("q.*", "q"));
+        assert!(!covers_all_under("q", "q"));
+        assert!(!covers_all_under("q.a.>", "q"));
+        assert!(covers_all_under("a.>", "a.b"));
+        let mut w = Vec::new();
+        let mine = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(consumer_filter(&mine(&["q", "q.>"]), "q", &mut w), "");
+        assert_eq!(consumer_filter(&mine(&["q"]), "q", &mut w), "");
+        assert_eq!(consumer_filter(&mine(&["q.>"]), "q", &mut w), "");
+        assert_eq!(consumer_filter(&mine(&["q.a", "q.b.c"]), "q", &mut w), "");
+        assert!(w.is_empty());
+        assert_eq!(consumer_filter(&mine(&["q", "other"]), "q", &mut w), "q");
+        assert_eq!(w.len(), 1);
     }
 
     #[test]

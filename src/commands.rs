@@ -56,8 +56,18 @@ pub fn publish(config: &Config, args: &PublishArgs) -> Result<(), Error> {
             buf
         }
     };
+    let subject = publish_subject(&config.subject, &args.function).ok_or_else(|| {
+        Error::Usage(format!(
+            "invalid function name {:?}: NAME or NAME.NAMESPACE expected",
+            args.function
+        ))
+    })?;
     let broker = Broker::connect_once(&config.nats_urls, None)?;
-    broker.ensure(&QueueSpec::from(config))?;
+    // The stream, never the consumer: that is the worker's, with the worker's settings.
+    let (_, warnings) = broker.ensure_stream(&QueueSpec::from(config))?;
+    for warning in warnings {
+        log::warn!("{warning}");
+    }
     let mut ids = Vec::with_capacity(args.count);
     let messages: Vec<OutMessage> = (0..args.count)
         .map(|_| {
@@ -92,7 +102,7 @@ pub fn publish(config: &Config, args: &PublishArgs) -> Result<(), Error> {
             }
         })
         .collect();
-    broker.publish_all(&config.subject, &messages, PUBLISH_ACK_TIMEOUT)?;
+    broker.publish_all(&subject, &messages, PUBLISH_ACK_TIMEOUT)?;
     broker.close();
     let mut out = std::io::stdout().lock();
     for id in ids {
@@ -104,7 +114,8 @@ pub fn publish(config: &Config, args: &PublishArgs) -> Result<(), Error> {
 /// Prints the stream and consumer counters.
 pub fn status(config: &Config, json: bool) -> Result<(), Error> {
     let broker = Broker::connect_once(&config.nats_urls, None)?;
-    let state = broker.queue_state(&config.stream, &config.durable)?;
+    let stream = broker.queue_stream(&QueueSpec::from(config))?;
+    let state = broker.queue_state(&stream, &config.durable)?;
     broker.close();
     if json {
         println!(
@@ -113,13 +124,18 @@ pub fn status(config: &Config, json: bool) -> Result<(), Error> {
         );
     } else {
         println!(
-            "stream {} (subjects: {})\n  messages     {}\n  bytes        {}\n  last seq     {}\nconsumer {}\n  pending      {}\n  ack pending  {}\n  redelivered  {}\n  waiting      {}",
+            "stream {} (subjects: {})\n  messages     {}\n  bytes        {}\n  last seq     {}\nconsumer {}{}\n  pending      {}\n  ack pending  {}\n  redelivered  {}\n  waiting      {}",
             state.stream,
             state.subjects.join(", "),
             state.messages,
             state.bytes,
             state.last_seq,
             state.consumer,
+            if state.consumer_created {
+                ""
+            } else {
+                " (not created yet: the worker creates it when it starts)"
+            },
             state.pending,
             state.ack_pending,
             state.redelivered,
@@ -129,8 +145,31 @@ pub fn status(config: &Config, json: bool) -> Result<(), Error> {
     Ok(())
 }
 
+/// The subject the gateway publishes a request for `function` to: `Q.NAME` or
+/// `Q.NAME.NAMESPACE`. None for a name that cannot be one or two subject tokens.
+pub(crate) fn publish_subject(queue: &str, function: &str) -> Option<String> {
+    let tokens = function.split('.').count();
+    let ok = valid_function_name(function)
+        && tokens <= 2
+        && !function.split('.').any(str::is_empty);
+    ok.then(|| format!("{queue}.{function}"))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn requests_are_published_under_the_queue() {
+        use super::publish_subject as p;
+        assert_eq!(p("q", "figlet").as_deref(), Some("q.figlet"));
+        assert_eq!(
+            p("q", "figlet.openfaas-fn").as_deref(),
+            Some("q.figlet.openfaas-fn")
+        );
+        for bad in ["", "a..b", "a.", "a.b.c", "a*", "a>", "a b"] {
+            assert_eq!(p("q", bad), None, "{bad:?}");
+        }
+    }
+
     #[test]
     fn call_ids_are_uuid_v4() {
         let id = super::new_call_id();

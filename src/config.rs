@@ -13,8 +13,10 @@ use std::time::Duration;
 pub struct Config {
     /// NATS servers, `nats://host:port` each.
     pub nats_urls: Vec<String>,
-    pub stream: String,
-    /// The subject of the queue (`queue_name`).
+    /// The stream configured with `nats_stream`; unset, the stream that captures the queue is
+    /// used, else `OF_<queue_name>` is created.
+    pub stream: Option<String>,
+    /// The queue (`queue_name`): its messages are on this subject and every subject under it.
     pub subject: String,
     pub durable: String,
     pub replicas: usize,
@@ -192,17 +194,17 @@ pub(crate) const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: "nats_stream",
-        default: DefaultIs::Value("faas-request"),
-        help: "stream",
+        default: DefaultIs::Unset,
+        help: "stream to create for the queue when none captures it (unset: `OF_<queue_name>`); a stream that already captures the queue is used whatever its name",
         apply: |d, v| {
-            d.c.stream = with(v, NAME, valid_name)?;
+            d.c.stream = Some(with(v, NAME, valid_name)?);
             Ok(())
         },
     },
     Setting {
         name: "queue_name",
-        default: DefaultIs::Same("nats_stream"),
-        help: "subject of the queue",
+        default: DefaultIs::Value("faas-request"),
+        help: "the queue: its requests are published to this subject and the subjects under it (`faas-request.<function>`)",
         apply: |d, v| {
             d.c.subject = with(v, SUBJECT, valid_subject)?;
             Ok(())
@@ -479,7 +481,12 @@ impl Config {
             nats_port,
         } = draft;
         if c.nats_urls.is_empty() {
-            c.nats_urls = vec![format!("nats://{nats_host}:{nats_port}")];
+            let host = if nats_host.contains(':') && !nats_host.starts_with('[') {
+                format!("[{nats_host}]") // an IPv6 address
+            } else {
+                nats_host
+            };
+            c.nats_urls = vec![format!("nats://{host}:{nats_port}")];
         }
         // Rules between settings.
         let refuse = |var: &'static str, expected: String| ConfigError {
@@ -518,7 +525,7 @@ impl Config {
     fn blank() -> Config {
         Config {
             nats_urls: Vec::new(),
-            stream: String::new(),
+            stream: None,
             subject: String::new(),
             durable: String::new(),
             replicas: 0,
@@ -703,7 +710,7 @@ mod tests {
     fn defaults_match_the_openfaas_worker() {
         let c = Config::defaults();
         assert_eq!(c.nats_urls, vec!["nats://127.0.0.1:4222".to_string()]);
-        assert_eq!(c.stream, "faas-request");
+        assert_eq!(c.stream, None);
         assert_eq!(c.subject, "faas-request");
         assert_eq!(c.durable, "faas-workers");
         assert_eq!(c.replicas, 1);
@@ -750,8 +757,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.nats_urls, vec!["nats://nats.openfaas:4223".to_string()]);
         assert_eq!(
-            (c.stream.as_str(), c.subject.as_str()),
-            ("slow", "slow-queue")
+            (c.stream.as_deref(), c.subject.as_str()),
+            (Some("slow"), "slow-queue")
         );
         assert_eq!(c.durable, "slow-workers");
         assert_eq!(c.replicas, 3);
@@ -784,6 +791,14 @@ mod tests {
             c.nats_urls,
             vec!["nats://a:4222", "nats://b:4223", "tls://c:4443"]
         );
+    }
+
+    #[test]
+    fn an_ipv6_nats_host_is_bracketed() {
+        let c = config(&[("nats_host", "::1")]).unwrap();
+        assert_eq!(c.nats_urls, vec!["nats://[::1]:4222"]);
+        let c = config(&[("nats_host", "[fd00::2]"), ("nats_port", "4333")]).unwrap();
+        assert_eq!(c.nats_urls, vec!["nats://[fd00::2]:4333"]);
     }
 
     #[test]

@@ -205,8 +205,9 @@ fn serve(
     health.set_connected(true);
     log::info!("connected to NATS at {}", config.nats_urls.join(","));
 
-    let spec = QueueSpec::from(config);
+    let mut spec = QueueSpec::from(config);
     let bound = broker.ensure(&spec)?;
+    spec.stream = bound.stream.clone();
     for warning in &bound.warnings {
         log::warn!("{warning}");
     }
@@ -277,7 +278,7 @@ fn serve(
         "ready in {} ms: {} worker(s) pulling {}/{} (subject {}), invoking {}",
         started.elapsed().as_millis(),
         config.max_inflight,
-        config.stream,
+        spec.stream,
         config.durable,
         config.subject,
         config.gateway_url
@@ -371,7 +372,10 @@ impl Drop for PanicGuard {
 impl From<&Config> for QueueSpec {
     fn from(config: &Config) -> QueueSpec {
         QueueSpec {
-            stream: config.stream.clone(),
+            stream: config.stream.clone().unwrap_or_else(|| {
+                format!("OF_{}", config.subject.replace(['.', '*', '>'], "_"))
+            }),
+            stream_configured: config.stream.is_some(),
             subject: config.subject.clone(),
             durable: config.durable.clone(),
             replicas: config.replicas,
@@ -403,12 +407,12 @@ fn monitor(
             default(MONITOR_EVERY) => {}
         }
         match broker.queue_state(&spec.stream, &spec.durable) {
-            Ok(s) => {
+            Ok(s) if s.consumer_created => {
                 metrics.observe_queue(s.messages, s.last_seq, s.pending, s.ack_pending);
                 healthy = true;
             }
-            Err(e) => {
-                if healthy {
+            result => {
+                if let (true, Err(e)) = (healthy, result) {
                     log::warn!("reading the queue state failed: {e}");
                 }
                 healthy = false;

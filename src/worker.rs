@@ -207,7 +207,7 @@ fn give_up(
     if let (Some(subject), Some(data)) = (&s.config.dead_letter_subject, original) {
         let id = match job.req.call_id() {
             Some(id) => format!("dead-{id}"),
-            None => format!("dead-{}-{}", s.config.stream, job.stream_seq),
+            None => format!("dead-{}-{}", s.config.subject, job.stream_seq),
         };
         let message = OutMessage {
             id,

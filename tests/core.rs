@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::*;
 
-const STREAM: &str = "faas-request";
+/// The stream the worker creates for the default queue.
+const STREAM: &str = "OF_faas-request";
+/// The default queue: requests are published to it or to a subject under it.
+const QUEUE: &str = "faas-request";
 const DURABLE: &str = "faas-workers";
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
@@ -44,7 +47,10 @@ fn creates_stream_and_consumer_with_the_documented_settings() {
     );
     let nc = connect(&nats.url());
     let stream = jetstream(&nc).stream_info(STREAM).unwrap();
-    assert_eq!(stream.config.subjects, vec![STREAM.to_string()]);
+    assert_eq!(
+        stream.config.subjects,
+        vec![QUEUE.to_string(), format!("{QUEUE}.>")]
+    );
     assert_eq!(
         stream.config.retention,
         nats::jetstream::RetentionPolicy::WorkQueue
@@ -76,7 +82,7 @@ fn invokes_every_gateway_message_layout() {
     let nc = connect(&nats.url());
     let cases = vectors();
     for case in &cases {
-        publish_raw(&nc, STREAM, &go_json(&case["message"]));
+        publish_raw(&nc, QUEUE, &go_json(&case["message"]));
     }
     let seen = function.wait_for_count(cases.len(), SECS(20));
     for case in &cases {
@@ -131,7 +137,7 @@ fn callback_gets_the_result_with_openfaas_headers() {
         &format!("{}/cb/path?x=1", callbacks.url()),
     );
     let call_id = req["Header"]["X-Call-Id"][0].as_str().unwrap().to_string();
-    publish_json(&nc, STREAM, &req);
+    publish_json(&nc, QUEUE, &req);
     let cb = &callbacks.wait_for_count(1, SECS(10))[0];
     assert_eq!(cb.method, "POST");
     assert_eq!(cb.url, "/cb/path?x=1");
@@ -154,7 +160,7 @@ fn callback_reports_503_when_the_function_cannot_be_reached() {
     let nc = connect(&nats.url());
     publish_json(
         &nc,
-        STREAM,
+        QUEUE,
         &with_callback(gateway_request("gone", b""), &callbacks.url()),
     );
     let cb = &callbacks.wait_for_count(1, SECS(10))[0];
@@ -171,10 +177,10 @@ fn a_failed_callback_does_not_hold_the_queue() {
     let nowhere = format!("http://127.0.0.1:{}/cb", free_port());
     publish_json(
         &nc,
-        STREAM,
+        QUEUE,
         &with_callback(gateway_request("a", b""), &nowhere),
     );
-    publish_json(&nc, STREAM, &gateway_request("b", b""));
+    publish_json(&nc, QUEUE, &gateway_request("b", b""));
     let seen = function.wait_for_count(2, SECS(10));
     assert_eq!(seen[1].path(), "/function/b/");
     wait_until(SECS(10), "both acked", || stream_messages(&nc, STREAM) == 0);
@@ -191,7 +197,7 @@ fn a_long_invocation_with_a_short_ack_wait_runs_once() {
         &[("ack_wait", "1s"), ("upstream_timeout", "10s")],
     );
     let nc = connect(&nats.url());
-    publish_json(&nc, STREAM, &gateway_request("slow", b"x"));
+    publish_json(&nc, QUEUE, &gateway_request("slow", b"x"));
     function.wait_for_count(1, SECS(5));
     wait_until(SECS(15), "the slow message acked", || {
         function.answered() == 1 && stream_messages(&nc, STREAM) == 0
@@ -221,9 +227,9 @@ fn bad_messages_are_terminated_logged_and_counted() {
     ];
     let mut seqs = Vec::new();
     for data in &bad {
-        seqs.push(publish_raw(&nc, STREAM, data).sequence);
+        seqs.push(publish_raw(&nc, QUEUE, data).sequence);
     }
-    publish_json(&nc, STREAM, &gateway_request("good", b""));
+    publish_json(&nc, QUEUE, &gateway_request("good", b""));
     function.wait_for_count(1, SECS(10));
     worker.wait_metric("queue_worker_malformed_messages_total", SECS(10), |v| {
         v == 4.0
@@ -254,7 +260,7 @@ fn sigterm_drains_in_flight_invocations_then_exits_0() {
     for i in 0..3 {
         publish_json(
             &nc,
-            STREAM,
+            QUEUE,
             &gateway_request("slow", format!("{i}").as_bytes()),
         );
     }
@@ -282,7 +288,7 @@ fn drain_timeout_hands_unfinished_work_back() {
         &[("drain_timeout", "500ms"), ("ack_wait", "60s")],
     );
     let nc = connect(&nats.url());
-    publish_json(&nc, STREAM, &gateway_request("stuck", b""));
+    publish_json(&nc, QUEUE, &gateway_request("stuck", b""));
     wait_until(SECS(10), "the invocation running", || {
         function.in_flight() == 1
     });
@@ -302,7 +308,7 @@ fn a_second_signal_exits_at_once() {
     let function = FunctionServer::echo_with_delay(SECS(30));
     let worker = Worker::start_ready(nats.url(), function.url(), &[]);
     let nc = connect(&nats.url());
-    publish_json(&nc, STREAM, &gateway_request("stuck", b""));
+    publish_json(&nc, QUEUE, &gateway_request("stuck", b""));
     wait_until(SECS(10), "the invocation running", || {
         function.in_flight() == 1
     });
@@ -322,7 +328,7 @@ fn a_message_published_to_an_idle_worker_runs_at_once() {
     // Each round leaves the workers idle with a fresh pull; the next message must not wait
     // for that pull to expire (30 s).
     for round in 1..=4 {
-        publish_json(&nc, STREAM, &gateway_request("ping", b""));
+        publish_json(&nc, QUEUE, &gateway_request("ping", b""));
         function.wait_for_count(round, SECS(5));
         wait_until(SECS(5), "pulls renewed", || {
             consumer_info(&nc, STREAM, DURABLE).num_waiting == 2
@@ -339,7 +345,7 @@ fn a_connection_closed_by_the_function_is_not_reused() {
     let worker = Worker::start_ready(nats.url(), function.url(), &[("max_inflight", "1")]);
     let nc = connect(&nats.url());
     for round in 1..=3 {
-        publish_json(&nc, STREAM, &gateway_request("ping", b""));
+        publish_json(&nc, QUEUE, &gateway_request("ping", b""));
         function.wait_for_count(round, SECS(5));
         // The answer is in, so the function has closed that connection by now.
         wait_until(SECS(5), "the invocation logged", || {
@@ -550,7 +556,7 @@ fn an_oversized_response_head_is_not_retried() {
     let nc = connect(&nats.url());
     publish_json(
         &nc,
-        STREAM,
+        QUEUE,
         &with_callback(gateway_request("chatty", b""), &callbacks.url()),
     );
     let cb = &callbacks.wait_for_count(1, SECS(10))[0];
@@ -573,7 +579,7 @@ fn upstream_timeout_ends_a_slow_invocation() {
     let sent = Instant::now();
     publish_json(
         &nc,
-        STREAM,
+        QUEUE,
         &with_callback(gateway_request("sleepy", b""), &callbacks.url()),
     );
     let cb = &callbacks.wait_for_count(1, SECS(10))[0];
@@ -595,7 +601,7 @@ fn responses_above_max_response_bytes_fail_without_retry() {
     let nc = connect(&nats.url());
     publish_json(
         &nc,
-        STREAM,
+        QUEUE,
         &with_callback(gateway_request("huge", b""), &callbacks.url()),
     );
     let cb = &callbacks.wait_for_count(1, SECS(10))[0];

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use support::*;
 
-const STREAM: &str = "faas-request";
+/// The stream the worker creates for the default queue.
+const STREAM: &str = "OF_faas-request";
+/// The default queue: requests are published to it or to a subject under it.
+const QUEUE: &str = "faas-request";
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
 /// Publishes `n` requests and returns their call ids.
@@ -18,7 +21,7 @@ fn publish_batch(nats_url: &str, n: usize) -> BTreeSet<String> {
     (0..n)
         .map(|i| {
             let req = gateway_request("work", format!("{i}").as_bytes());
-            publish_json(&nc, STREAM, &req);
+            publish_json(&nc, QUEUE, &req);
             req["Header"]["X-Call-Id"][0].as_str().unwrap().to_string()
         })
         .collect()

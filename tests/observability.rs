@@ -10,7 +10,10 @@ use std::time::Duration;
 use serde_json::Value;
 use support::*;
 
-const STREAM: &str = "faas-request";
+/// The stream the worker creates for the default queue.
+const STREAM: &str = "OF_faas-request";
+/// The default queue: requests are published to it or to a subject under it.
+const QUEUE: &str = "faas-request";
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 const Q: &str = "{queue_name=\"faas-request\"}";
 
@@ -30,21 +33,21 @@ fn known_run(nats: &NatsServer) -> (Worker, FunctionServer, FunctionServer) {
     );
     let nc = connect(&nats.url());
     for _ in 0..5 {
-        publish_json(&nc, STREAM, &gateway_request("echo", b"secret-body"));
+        publish_json(&nc, QUEUE, &gateway_request("echo", b"secret-body"));
     }
-    publish_json(&nc, STREAM, &gateway_request("missing", b""));
+    publish_json(&nc, QUEUE, &gateway_request("missing", b""));
     publish_json(
         &nc,
-        STREAM,
+        QUEUE,
         &with_callback(gateway_request("down", b""), &callbacks.url()),
     );
     let nowhere = format!("http://127.0.0.1:{}/", free_port());
     publish_json(
         &nc,
-        STREAM,
+        QUEUE,
         &with_callback(gateway_request("echo", b""), &nowhere),
     );
-    publish_raw(&nc, STREAM, b"not json");
+    publish_raw(&nc, QUEUE, b"not json");
     worker.wait_metric(
         &format!("queue_worker_messages_processed_total{Q}"),
         SECS(15),
@@ -152,7 +155,7 @@ fn function_labels_are_capped() {
     let worker = Worker::start_ready(nats.url(), function.url(), &[("max_inflight", "16")]);
     let nc = connect(&nats.url());
     for i in 0..150 {
-        publish_json(&nc, STREAM, &gateway_request(&format!("fn-{i}"), b""));
+        publish_json(&nc, QUEUE, &gateway_request(&format!("fn-{i}"), b""));
     }
     worker.wait_metric(
         &format!("queue_worker_messages_processed_total{Q}"),
@@ -222,7 +225,7 @@ fn bodies_are_logged_only_when_asked() {
         ],
     );
     let nc = connect(&nats.url());
-    publish_json(&nc, STREAM, &gateway_request("f", b"request-text"));
+    publish_json(&nc, QUEUE, &gateway_request("f", b"request-text"));
     worker.wait_log("response-text", SECS(10));
     assert!(worker.logs().contains("request-text"));
 }
@@ -257,7 +260,7 @@ fn readyz_follows_the_nats_connection() {
     worker.wait_metric("queue_worker_nats_reconnect_total", SECS(5), |v| v >= 1.0);
     // And it still works after the reconnect.
     let nc = connect(&nats.url());
-    publish_json(&nc, STREAM, &gateway_request("after", b""));
+    publish_json(&nc, QUEUE, &gateway_request("after", b""));
     function.wait_for_count(1, SECS(10));
 }
 

@@ -13,7 +13,10 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 use support::*;
 
-const STREAM: &str = "faas-request";
+/// The stream the worker creates for the default queue.
+const STREAM: &str = "OF_faas-request";
+/// The default queue: requests are published to it or to a subject under it.
+const QUEUE: &str = "faas-request";
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 const MS: fn(u64) -> Duration = Duration::from_millis;
 
@@ -34,7 +37,7 @@ fn recovers_after_failures_with_delays_that_double() {
     let nc = connect(&nats.url());
     publish_json(
         &nc,
-        STREAM,
+        QUEUE,
         &with_callback(gateway_request("flaky", b"x"), &callbacks.url()),
     );
     let seen = function.wait_for_count(4, SECS(15));
@@ -79,7 +82,7 @@ fn gives_up_after_max_attempts_with_callback_and_dead_letter() {
         ],
     );
     let req = with_callback(gateway_request("broken", b"payload"), &callbacks.url());
-    publish_json(&nc, STREAM, &req);
+    publish_json(&nc, QUEUE, &req);
     let cb = &callbacks.wait_for_count(1, SECS(15))[0];
     assert_eq!(function.count(), 3, "exactly max_retry_attempts attempts");
     assert_eq!(cb.header("X-Function-Status"), Some("500"));
@@ -123,12 +126,12 @@ fn statuses_outside_retry_http_codes_are_invoked_once() {
     let nc = connect(&nats.url());
     publish_json(
         &nc,
-        STREAM,
+        QUEUE,
         &with_callback(gateway_request("missing", b""), &callbacks.url()),
     );
     publish_json(
         &nc,
-        STREAM,
+        QUEUE,
         &with_callback(gateway_request("unimplemented", b""), &callbacks.url()),
     );
     let cbs = callbacks.wait_for_count(2, SECS(10));
@@ -156,7 +159,7 @@ fn openfaas_internal_5xx_is_retried() {
     });
     let _worker = Worker::start_ready(nats.url(), function.url(), &[("initial_retry_wait", "0s")]);
     let nc = connect(&nats.url());
-    publish_json(&nc, STREAM, &gateway_request("f", b""));
+    publish_json(&nc, QUEUE, &gateway_request("f", b""));
     function.wait_for_count(2, SECS(10));
 }
 
@@ -179,7 +182,7 @@ fn retry_after_in_seconds_and_as_a_date_is_honoured() {
         &[("initial_retry_wait", "100ms"), ("max_retry_wait", "10s")],
     );
     let nc = connect(&nats.url());
-    publish_json(&nc, STREAM, &gateway_request("limited", b""));
+    publish_json(&nc, QUEUE, &gateway_request("limited", b""));
     let seen = function.wait_for_count(3, SECS(20));
     let g = gaps(&seen);
     assert!(
@@ -209,7 +212,7 @@ fn annotations_override_the_retry_settings() {
         "com.openfaas.retry.min_wait": "200ms",
         "com.openfaas.retry.max_wait": "1s",
     });
-    publish_json(&nc, STREAM, &req);
+    publish_json(&nc, QUEUE, &req);
     let cb = &callbacks.wait_for_count(1, SECS(10))[0];
     assert_eq!(cb.header("X-Retry"), Some("2"));
     assert_eq!(cb.header("X-Retry-Max"), Some("2"));
@@ -239,10 +242,10 @@ fn one_worker_serves_new_messages_while_100_retries_wait() {
     );
     let nc = connect(&nats.url());
     for _ in 0..100 {
-        publish_json(&nc, STREAM, &gateway_request("down", b""));
+        publish_json(&nc, QUEUE, &gateway_request("down", b""));
     }
     function.wait_for_count(100, SECS(30));
-    publish_json(&nc, STREAM, &gateway_request("up", b""));
+    publish_json(&nc, QUEUE, &gateway_request("up", b""));
     wait_until(
         SECS(5),
         "the new message served while 100 retries wait",
@@ -288,7 +291,7 @@ fn attempts_survive_a_sigkill_of_the_worker() {
     let nc = connect(&nats.url());
     publish_json(
         &nc,
-        STREAM,
+        QUEUE,
         &with_callback(gateway_request("down", b""), &callbacks.url()),
     );
     function.wait_for_count(2, SECS(10));
@@ -322,7 +325,7 @@ fn drain_hands_waiting_retries_back_at_once() {
         &[("initial_retry_wait", "3s"), ("ack_wait", "60s")],
     );
     let nc = connect(&nats.url());
-    publish_json(&nc, STREAM, &gateway_request("f", b""));
+    publish_json(&nc, QUEUE, &gateway_request("f", b""));
     let first = function.wait_for_count(1, SECS(10))[0].at;
     worker.wait_log("next in", SECS(5));
     worker.signal("TERM");
