@@ -298,7 +298,10 @@ impl Broker {
     /// Finds the stream that captures the queue's subject, or creates `spec.stream` on `Q` and
     /// `Q.>` when none does. Never makes a consumer (the `publish` command uses this alone).
     /// Returns the stream with the warnings about its settings.
-    pub fn ensure_stream(&self, spec: &QueueSpec) -> Result<(QueueStream, Vec<String>), BrokerError> {
+    pub fn ensure_stream(
+        &self,
+        spec: &QueueSpec,
+    ) -> Result<(QueueStream, Vec<String>), BrokerError> {
         let mut warnings = Vec::new();
         let stream = match self.find_stream(&spec.subject)? {
             Found::Captures(info) => {
@@ -317,7 +320,7 @@ impl Broker {
                         );
                     }
                 }
-                QueueStream::from(&info)
+                QueueStream::from(info.as_ref())
             }
             Found::Overlaps(others) => return Err(BrokerError::Conflict(conflict(spec, &others))),
             Found::None => match self.stream_info(&spec.stream)? {
@@ -353,8 +356,13 @@ impl Broker {
             let Some(info) = self.stream_info(&name)? else {
                 continue; // deleted meanwhile
             };
-            if info.config.subjects.iter().any(|p| subject_matches(p, subject)) {
-                return Ok(Found::Captures(info));
+            if info
+                .config
+                .subjects
+                .iter()
+                .any(|p| subject_matches(p, subject))
+            {
+                return Ok(Found::Captures(Box::new(info)));
             }
             overlapping.push(info);
         }
@@ -378,9 +386,8 @@ impl Broker {
             .nc
             .request_timeout("$JS.API.STREAM.NAMES", request, API_TIMEOUT)
             .map_err(|e| no_jetstream(e).unwrap_or_else(|e| api(step())(e)))?;
-        let names: Names = serde_json::from_slice(&reply.data).map_err(|e| {
-            api(step())(io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
-        })?;
+        let names: Names = serde_json::from_slice(&reply.data)
+            .map_err(|e| api(step())(io::Error::new(io::ErrorKind::InvalidData, e.to_string())))?;
         if let Some(error) = names.error {
             return Err(api(step())(io::Error::other(error.to_string())));
         }
@@ -448,17 +455,13 @@ impl Broker {
             }
             // Another worker may have created it a moment ago.
             Err(e) => match self.find_stream(&spec.subject)? {
-                Found::Captures(info) => Ok(QueueStream::from(&info)),
+                Found::Captures(info) => Ok(QueueStream::from(info.as_ref())),
                 _ => Err(api(format!("creating stream {}", spec.stream))(e)),
             },
         }
     }
 
-    fn create_consumer(
-        &self,
-        spec: &QueueSpec,
-        filter: &str,
-    ) -> Result<ConsumerInfo, BrokerError> {
+    fn create_consumer(&self, spec: &QueueSpec, filter: &str) -> Result<ConsumerInfo, BrokerError> {
         let config = ConsumerConfig {
             durable_name: Some(spec.durable.clone()),
             deliver_policy: DeliverPolicy::All,
@@ -820,7 +823,11 @@ fn check_stream(info: &StreamInfo, spec: &QueueSpec, warnings: &mut Vec<String>)
             c.subjects.join(", ")
         ));
     }
-    if !c.subjects.iter().any(|p| covers_all_under(p, &spec.subject)) {
+    if !c
+        .subjects
+        .iter()
+        .any(|p| covers_all_under(p, &spec.subject))
+    {
         warnings.push(format!(
             "stream {} does not capture {}.> (its subjects: {}): requests that a current OpenFaaS gateway publishes to {}.<function> will not be stored; add it with `nats stream edit {} --subjects '{}'`",
             c.name,
@@ -903,7 +910,7 @@ impl From<&StreamInfo> for QueueStream {
 
 /// What [`Broker::find_stream`] found.
 enum Found {
-    Captures(StreamInfo),
+    Captures(Box<StreamInfo>),
     /// No stream captures the queue, but these hold subjects under it.
     Overlaps(Vec<StreamInfo>),
     None,
@@ -918,7 +925,13 @@ fn queue_subjects(q: &str) -> [String; 2] {
 fn conflict(spec: &QueueSpec, others: &[StreamInfo]) -> String {
     let held: Vec<String> = others
         .iter()
-        .map(|i| format!("{} (subjects: {})", i.config.name, i.config.subjects.join(", ")))
+        .map(|i| {
+            format!(
+                "{} (subjects: {})",
+                i.config.name,
+                i.config.subjects.join(", ")
+            )
+        })
         .collect();
     format!(
         "cannot create stream {} for the queue {} (subjects {} and {}.>): stream {} already \

@@ -149,9 +149,8 @@ pub fn status(config: &Config, json: bool) -> Result<(), Error> {
 /// `Q.NAME.NAMESPACE`. None for a name that cannot be one or two subject tokens.
 pub(crate) fn publish_subject(queue: &str, function: &str) -> Option<String> {
     let tokens = function.split('.').count();
-    let ok = valid_function_name(function)
-        && tokens <= 2
-        && !function.split('.').any(str::is_empty);
+    let ok =
+        valid_function_name(function) && tokens <= 2 && !function.split('.').any(str::is_empty);
     ok.then(|| format!("{queue}.{function}"))
 }
 

@@ -372,9 +372,10 @@ impl Drop for PanicGuard {
 impl From<&Config> for QueueSpec {
     fn from(config: &Config) -> QueueSpec {
         QueueSpec {
-            stream: config.stream.clone().unwrap_or_else(|| {
-                format!("OF_{}", config.subject.replace(['.', '*', '>'], "_"))
-            }),
+            stream: config
+                .stream
+                .clone()
+                .unwrap_or_else(|| format!("OF_{}", config.subject.replace(['.', '*', '>'], "_"))),
             stream_configured: config.stream.is_some(),
             subject: config.subject.clone(),
             durable: config.durable.clone(),

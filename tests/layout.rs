@@ -1,0 +1,187 @@
+//! The queue layout of current OpenFaaS against a real nats-server: a queue `Q` is the subject
+//! `Q` and every subject under it, kept in the stream that captures `Q` (made by hand, by an
+//! older worker, or `OF_Q` made by this one).
+
+#![allow(deprecated)]
+
+mod support;
+
+use std::time::Duration;
+
+use nats::jetstream::{RetentionPolicy, StorageType, StreamConfig};
+use serde_json::Value;
+use support::*;
+
+const QUEUE: &str = "faas-request";
+const DURABLE: &str = "faas-workers";
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+fn add_stream(nc: &nats::Connection, name: &str, subjects: &[&str]) {
+    jetstream(nc)
+        .add_stream(StreamConfig {
+            name: name.into(),
+            subjects: subjects.iter().map(|s| s.to_string()).collect(),
+            retention: RetentionPolicy::WorkQueue,
+            storage: StorageType::Memory,
+            ..Default::default()
+        })
+        .unwrap();
+}
+
+fn stream_names(nc: &nats::Connection) -> Vec<String> {
+    let mut names: Vec<String> = jetstream(nc).stream_names().map(Result::unwrap).collect();
+    names.sort();
+    names
+}
+
+fn warnings(worker: &Worker) -> Vec<String> {
+    worker
+        .log_lines_json()
+        .iter()
+        .filter(|l| l["level"] == "warn")
+        .map(|l| l["msg"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn requests_on_the_queue_and_every_subject_under_it_run() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::ok();
+    let _worker = Worker::start_ready(nats.url(), function.url(), &[]);
+    let nc = connect(&nats.url());
+    assert_eq!(stream_names(&nc), vec![format!("OF_{QUEUE}")]);
+    for (subject, function_name) in [
+        (QUEUE.to_string(), "plain"),
+        (format!("{QUEUE}.figlet"), "figlet"),
+        (format!("{QUEUE}.figlet.openfaas-fn"), "figlet.openfaas-fn"),
+    ] {
+        publish_json(&nc, &subject, &gateway_request(function_name, b""));
+    }
+    let seen = function.wait_for_count(3, SECS(10));
+    let mut urls: Vec<&str> = seen.iter().map(|s| s.url.as_str()).collect();
+    urls.sort();
+    // Routed by the JSON's Function, never by the subject.
+    assert_eq!(
+        urls,
+        vec![
+            "/function/figlet.openfaas-fn/",
+            "/function/figlet/",
+            "/function/plain/"
+        ]
+    );
+    let c = consumer_info(&nc, &format!("OF_{QUEUE}"), DURABLE).config;
+    assert_eq!(c.filter_subject, "", "the consumer takes the whole stream");
+}
+
+#[test]
+fn a_stream_made_by_hand_that_captures_the_queue_is_used_as_it_is() {
+    let nats = NatsServer::start();
+    let nc = connect(&nats.url());
+    add_stream(&nc, "jobs", &[QUEUE, &format!("{QUEUE}.>")]);
+    let function = FunctionServer::ok();
+    let worker = Worker::start_ready(nats.url(), function.url(), &[]);
+    assert_eq!(
+        stream_names(&nc),
+        vec!["jobs".to_string()],
+        "nothing created"
+    );
+    assert_eq!(
+        jetstream(&nc).stream_info("jobs").unwrap().config.storage,
+        StorageType::Memory,
+        "left as it was"
+    );
+    publish_json(&nc, &format!("{QUEUE}.echo"), &gateway_request("echo", b""));
+    function.wait_for_count(1, SECS(10));
+    assert!(warnings(&worker).is_empty(), "{:?}", warnings(&worker));
+    worker.wait_log("using stream jobs", SECS(1));
+}
+
+#[test]
+fn an_old_stream_on_the_bare_queue_subject_is_used_with_a_warning() {
+    let nats = NatsServer::start();
+    let nc = connect(&nats.url());
+    add_stream(&nc, QUEUE, &[QUEUE]);
+    let function = FunctionServer::ok();
+    let worker = Worker::start_ready(nats.url(), function.url(), &[]);
+    assert_eq!(stream_names(&nc), vec![QUEUE.to_string()]);
+    let w = warnings(&worker);
+    assert!(
+        w.iter()
+            .any(|w| w.contains(&format!("does not capture {QUEUE}.>"))),
+        "{w:?}"
+    );
+    publish_json(&nc, QUEUE, &gateway_request("old", b""));
+    function.wait_for_count(1, SECS(10));
+}
+
+#[test]
+fn a_stream_holding_part_of_the_queue_stops_start_up_with_a_clear_error() {
+    let nats = NatsServer::start();
+    let nc = connect(&nats.url());
+    add_stream(&nc, "figlet-only", &[&format!("{QUEUE}.figlet")]);
+    let function = FunctionServer::ok();
+    let worker = Worker::builder(nats.url(), function.url()).start();
+    let status = worker.wait_exit(SECS(15));
+    assert_eq!(status.code(), Some(1));
+    let log = worker.logs();
+    assert!(
+        log.contains("figlet-only") && log.contains("already holds subjects"),
+        "{log}"
+    );
+    assert!(!log.contains("overlap"), "no raw server error: {log}");
+    assert_eq!(stream_names(&nc), vec!["figlet-only".to_string()]);
+}
+
+#[test]
+fn a_second_consumer_on_the_work_queue_is_named_with_what_to_do() {
+    let nats = NatsServer::start();
+    let nc = connect(&nats.url());
+    add_stream(&nc, &format!("OF_{QUEUE}"), &[QUEUE, &format!("{QUEUE}.>")]);
+    jetstream(&nc)
+        .add_consumer(
+            format!("OF_{QUEUE}").as_str(),
+            nats::jetstream::ConsumerConfig {
+                durable_name: Some("openfaas-workers".into()),
+                ack_policy: nats::jetstream::AckPolicy::Explicit,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let function = FunctionServer::ok();
+    let worker = Worker::builder(nats.url(), function.url()).start();
+    assert_eq!(worker.wait_exit(SECS(15)).code(), Some(1));
+    let log = worker.logs();
+    assert!(
+        log.contains("openfaas-workers") && log.contains("nats_durable=openfaas-workers"),
+        "{log}"
+    );
+}
+
+#[test]
+fn publish_uses_the_function_subject_and_never_creates_the_consumer() {
+    let nats = NatsServer::start();
+    let env = [("nats_url", nats.url())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = run_cli(&["publish", "figlet.openfaas-fn", "-d", "hi"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nc = connect(&nats.url());
+    let stream = format!("OF_{QUEUE}");
+    let last = jetstream(&nc).get_last_message(&stream, &format!("{QUEUE}.figlet.openfaas-fn"));
+    assert!(last.is_ok(), "stored on the function's subject: {last:?}");
+    assert!(
+        jetstream(&nc).consumer_info(&stream, DURABLE).is_err(),
+        "publish made no consumer"
+    );
+    let out = run_cli(&["status", "--json"], &env);
+    assert!(out.status.success());
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["stream"], stream);
+    assert_eq!(status["consumer_created"], false);
+    assert_eq!(status["pending"], 1);
+    let out = run_cli(&["publish", "a.b.c"], &env);
+    assert_eq!(out.status.code(), Some(2), "three tokens are no function");
+}
