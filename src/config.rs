@@ -35,6 +35,8 @@ pub struct Config {
     pub metrics_port: u16,
     pub retry: RetryConfig,
     pub dead_letter_subject: Option<String>,
+    /// One line for each setting that was given but has no effect yet, to log at start.
+    pub notices: Vec<String>,
 }
 
 /// Where a stream created by the worker keeps its messages.
@@ -131,6 +133,15 @@ struct Draft {
     c: Config,
     nats_host: String,
     nats_port: u16,
+    /// Set by a setting that is accepted but has no effect yet: why.
+    inert: Option<&'static str>,
+}
+
+/// Accepts a setting of the OpenFaaS chart that this worker does not act on yet.
+fn inert<T>(d: &mut Draft, parsed: Result<T, Refusal>, why: &'static str) -> Result<(), Refusal> {
+    parsed?;
+    d.inert = Some(why);
+    Ok(())
 }
 
 const NAME: &str = "a name of letters, digits, '-' and '_' (no '.', '*', '>' or spaces)";
@@ -431,7 +442,131 @@ pub(crate) const SETTINGS: &[Setting] = &[
             Ok(())
         },
     },
+    // Set by the OpenFaaS chart's JetStream queue-worker deployment: accepted so that its env
+    // block moves over unchanged.
+    Setting {
+        name: "scaling_mode",
+        default: DefaultIs::Value("static"),
+        help: "`static`: one consumer for the queue (`function`, a consumer per function, is not supported yet)",
+        apply: |_, v| match v {
+            "static" => Ok(()),
+            "function" => Err("static (scaling_mode=function is not supported by this worker yet)".into()),
+            _ => Err("static or function".into()),
+        },
+    },
+    Setting {
+        name: "consumer_inactive_threshold",
+        default: DefaultIs::Value("30s"),
+        help: "OpenFaaS chart: idle time before a per-function consumer is removed (no effect yet: function mode only)",
+        apply: |d, v| inert(d, positive_duration(v), "it applies to function mode only"),
+    },
+    Setting {
+        name: "consumer_pull_max_messages",
+        default: DefaultIs::Unset,
+        help: "OpenFaaS chart: messages per pull request (no effect: a message is pulled for each free thread)",
+        apply: |d, v| {
+            let n = with(v, "a whole number from 1", |v| v.parse::<NonZeroUsize>().ok());
+            inert(d, n, "a message is pulled for each free worker thread")
+        },
+    },
+    Setting {
+        name: "limiter_enabled",
+        default: DefaultIs::Value("true"),
+        help: "OpenFaaS chart: adaptive concurrency per function (no effect yet)",
+        apply: |d, v| inert(d, flag(v), "adaptive concurrency is not built yet"),
+    },
+    Setting {
+        name: "default_function_name",
+        default: DefaultIs::Unset,
+        help: "OpenFaaS chart: the functions' namespace (no effect: requests name their function)",
+        apply: |d, v| {
+            inert(d, Ok::<_, Refusal>(v), "each request names its function; the gateway resolves the namespace")
+        },
+    },
+    Setting {
+        name: "queue_partitions",
+        default: DefaultIs::Value("1"),
+        help: "OpenFaaS chart: partitions of a dedicated queue (only `1`)",
+        apply: |d, v| {
+            let n = with(v, "1 (partitioned queues are not supported)", |v| {
+                (v == "1").then_some(())
+            });
+            inert(d, n, "the queue has one partition")
+        },
+    },
+    Setting {
+        name: "filter_partition",
+        default: DefaultIs::Value("0"),
+        help: "OpenFaaS chart: the partition this worker consumes (only `0`)",
+        apply: |d, v| {
+            let n = with(v, "0 (partitioned queues are not supported)", |v| {
+                (v == "0").then_some(())
+            });
+            inert(d, n, "the queue has one partition")
+        },
+    },
+    Setting {
+        name: "tls_insecure",
+        default: DefaultIs::Value("false"),
+        help: "OpenFaaS chart: skip certificate checks of https gateways and callbacks (no effect yet)",
+        apply: |d, v| inert(d, flag(v), "certificates are always checked"),
+    },
 ];
+
+/// Names that OpenFaaS's worker once read and that this one has no use for.
+const RETIRED: &[&str] = &["max_waiting", "max_reconnect", "reconnect_delay"];
+
+/// Warnings for environment variables that look like settings but are not: a typo of one
+/// (`max_inflite`), or one that OpenFaaS retired.
+pub fn unknown_settings<I, S>(names: I) -> Vec<String>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    let mut out = Vec::new();
+    for name in names {
+        let name = name.as_ref();
+        if setting(name).is_some() {
+            continue;
+        }
+        if RETIRED.contains(&name) {
+            out.push(format!(
+                "{name} is ignored: this worker has no such setting (OpenFaaS retired it)"
+            ));
+            continue;
+        }
+        let lower = name.to_ascii_lowercase();
+        let near = SETTINGS
+            .iter()
+            .map(|s| (edit_distance(&lower, s.name), s.name))
+            .filter(|(d, s)| *d <= (s.len() / 4).clamp(1, 3))
+            .min();
+        if let Some((_, known)) = near {
+            out.push(format!(
+                "{name} is not a setting of this worker: did you mean {known}?"
+            ));
+        }
+    }
+    out
+}
+
+/// Levenshtein distance of two short ASCII names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b = b.as_bytes();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.bytes().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (row[j] + 1)
+                .min(row[j + 1] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
 
 /// The setting named `name`.
 fn setting(name: &str) -> Option<&'static Setting> {
@@ -466,19 +601,27 @@ impl Config {
             c: Config::blank(),
             nats_host: String::new(),
             nats_port: 0,
+            inert: None,
         };
         for s in SETTINGS {
             let Some(value) = effective(s) else { continue };
             (s.apply)(&mut draft, &value).map_err(|expected| ConfigError {
                 var: s.name,
-                value,
+                value: value.clone(),
                 expected,
             })?;
+            if let (Some(why), Some(_)) = (draft.inert.take(), get(s.name)) {
+                draft
+                    .c
+                    .notices
+                    .push(format!("{}={value} has no effect yet: {why}", s.name));
+            }
         }
         let Draft {
             mut c,
             nats_host,
             nats_port,
+            ..
         } = draft;
         if c.nats_urls.is_empty() {
             let host = if nats_host.contains(':') && !nats_host.starts_with('[') {
@@ -553,6 +696,7 @@ impl Config {
                 backoff: Backoff::Exponential,
             },
             dead_letter_subject: None,
+            notices: Vec::new(),
         }
     }
 }
@@ -791,6 +935,98 @@ mod tests {
             c.nats_urls,
             vec!["nats://a:4222", "nats://b:4223", "tls://c:4443"]
         );
+    }
+
+    /// The env block of the OpenFaaS chart's JetStream queue-worker deployment.
+    #[test]
+    fn the_openfaas_chart_env_block_is_accepted() {
+        let chart = [
+            ("nats_host", "nats.openfaas"),
+            ("nats_port", "4222"),
+            ("nats_stream", "faas-request"),
+            ("nats_durable", "faas-workers"),
+            ("default_function_name", "openfaas-fn"),
+            ("max_inflight", "50"),
+            ("scaling_mode", "static"),
+            ("consumer_inactive_threshold", "30s"),
+            ("consumer_pull_max_messages", "10"),
+            ("gateway_url", "http://gateway.openfaas:8080"),
+            ("tls_insecure", "false"),
+            ("debug", "false"),
+            ("log_encoding", "console"),
+            ("nats_stream_replicas", "1"),
+            ("ack_wait", "60s"),
+            ("limiter_enabled", "true"),
+            ("upstream_timeout", "1m"),
+            ("max_retry_attempts", "100"),
+            ("max_retry_wait", "120s"),
+            ("initial_retry_wait", "10s"),
+            ("retry_http_codes", "408,429,500,502,503,504"),
+            ("backoff", "exponential"),
+            ("queue_name", "faas-request"),
+            ("queue_partitions", "1"),
+            ("filter_partition", "0"),
+        ];
+        let c = config(&chart).unwrap();
+        assert_eq!(c.nats_urls, vec!["nats://nats.openfaas:4222"]);
+        assert_eq!(c.stream.as_deref(), Some("faas-request"));
+        let mut noted: Vec<&str> = c
+            .notices
+            .iter()
+            .map(|n| n.split('=').next().unwrap())
+            .collect();
+        noted.sort();
+        assert_eq!(
+            noted,
+            [
+                "consumer_inactive_threshold",
+                "consumer_pull_max_messages",
+                "default_function_name",
+                "filter_partition",
+                "limiter_enabled",
+                "queue_partitions",
+                "tls_insecure"
+            ],
+            "one line each for what has no effect yet"
+        );
+        let names = chart.iter().map(|(k, _)| *k);
+        assert_eq!(unknown_settings(names), Vec::<String>::new());
+        assert!(
+            config(&[]).unwrap().notices.is_empty(),
+            "defaults say nothing"
+        );
+    }
+
+    #[test]
+    fn function_mode_and_partitions_are_refused_until_they_exist() {
+        for (var, value) in [
+            ("scaling_mode", "function"),
+            ("scaling_mode", "dynamic"),
+            ("queue_partitions", "3"),
+            ("filter_partition", "1"),
+        ] {
+            let err = config(&[(var, value)]).unwrap_err();
+            assert_eq!(err.var, var);
+        }
+    }
+
+    #[test]
+    fn lookalikes_of_settings_are_warned_about() {
+        let w = unknown_settings([
+            "max_inflite",
+            "MAX_INFLIGHT",
+            "ack_wiat",
+            "max_waiting",
+            "HOME",
+            "PATH",
+            "RUST_LOG",
+            "debug",
+        ]);
+        assert_eq!(w.len(), 4, "{w:?}");
+        assert!(w[0].contains("did you mean max_inflight"), "{w:?}");
+        assert!(w[1].contains("did you mean max_inflight"), "{w:?}");
+        assert!(w[2].contains("did you mean ack_wait"), "{w:?}");
+        assert!(w[3].contains("retired"), "{w:?}");
     }
 
     #[test]

@@ -25,6 +25,13 @@ fn main() -> ExitCode {
         Err(e) => return fail(&Error::Config(e)),
     };
     logging::init(&config.log);
+    for notice in &config.notices {
+        log::info!("{notice}");
+    }
+    let names = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok());
+    for warning in config::unknown_settings(names) {
+        log::warn!("{warning}");
+    }
     let result = match command {
         Command::Publish(args) => commands::publish(&config, &args),
         Command::Status { json } => commands::status(&config, json),

@@ -1,6 +1,6 @@
-//! The queue layout of current OpenFaaS against a real nats-server: a queue `Q` is the subject
-//! `Q` and every subject under it, kept in the stream that captures `Q` (made by hand, by an
-//! older worker, or `OF_Q` made by this one).
+//! A drop-in for current OpenFaaS, against a real nats-server: the queue layout (a queue `Q` is
+//! the subject `Q` and every subject under it, kept in the stream that captures `Q`: made by
+//! hand, by an older worker, or `OF_Q` made by this one) and the chart's env block.
 
 #![allow(deprecated)]
 
@@ -184,4 +184,62 @@ fn publish_uses_the_function_subject_and_never_creates_the_consumer() {
     assert_eq!(status["pending"], 1);
     let out = run_cli(&["publish", "a.b.c"], &env);
     assert_eq!(out.status.code(), Some(2), "three tokens are no function");
+}
+
+#[test]
+fn the_openfaas_chart_env_block_starts_the_worker() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::ok();
+    let mut builder = Worker::builder(nats.url(), function.url());
+    for (k, v) in [
+        ("nats_stream", "faas-request"),
+        ("nats_durable", "faas-workers"),
+        ("default_function_name", "openfaas-fn"),
+        ("max_inflight", "4"),
+        ("scaling_mode", "static"),
+        ("consumer_inactive_threshold", "30s"),
+        ("consumer_pull_max_messages", "10"),
+        ("tls_insecure", "false"),
+        ("debug", "false"),
+        ("nats_stream_replicas", "1"),
+        ("ack_wait", "60s"),
+        ("limiter_enabled", "true"),
+        ("upstream_timeout", "1m"),
+        ("max_retry_attempts", "100"),
+        ("max_retry_wait", "120s"),
+        ("initial_retry_wait", "10s"),
+        ("retry_http_codes", "408,429,500,502,503,504"),
+        ("backoff", "exponential"),
+        ("queue_name", QUEUE),
+        ("queue_partitions", "1"),
+        ("filter_partition", "0"),
+        ("max_inflite", "8"),
+    ] {
+        builder = builder.env(k, v);
+    }
+    let worker = builder.start();
+    worker.wait_ready(SECS(10));
+    let nc = connect(&nats.url());
+    // nats_stream names the stream created when none captures the queue.
+    assert_eq!(stream_names(&nc), vec![QUEUE.to_string()]);
+    publish_json(
+        &nc,
+        &format!("{QUEUE}.figlet"),
+        &gateway_request("figlet", b""),
+    );
+    function.wait_for_count(1, SECS(10));
+    let infos: Vec<String> = worker
+        .log_lines_json()
+        .iter()
+        .filter(|l| l["level"] == "info")
+        .filter_map(|l| l["msg"].as_str().map(String::from))
+        .filter(|m| m.contains("has no effect yet"))
+        .collect();
+    assert_eq!(infos.len(), 7, "one line per inert setting: {infos:?}");
+    let w = warnings(&worker);
+    assert!(
+        w.iter()
+            .any(|w| w.contains("max_inflite") && w.contains("max_inflight")),
+        "{w:?}"
+    );
 }
