@@ -532,8 +532,7 @@ fn join_codes(codes: &[u16]) -> String {
 
 /// Parses a Go duration (`300ms`, `1.5s`, `1m30s`, `0`); negative durations are refused.
 pub fn parse_duration(s: &str) -> Option<Duration> {
-    let nanos = go_parse_duration::parse_duration(s.trim()).ok()?;
-    u64::try_from(nanos).ok().map(Duration::from_nanos)
+    crate::duration::parse_go_duration(s.trim()).ok()
 }
 
 /// Go's `strconv.ParseBool`.

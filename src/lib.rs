@@ -2,12 +2,14 @@
 //!
 //! Modules:
 //! - [`config`]: the OpenFaaS environment variables, validated into a typed [`Config`].
+//! - [`duration`]: Go's `time.ParseDuration`, for settings and annotations alike.
 //! - [`cli`]: command-line arguments (`run`, `publish`, `status`, `--help`).
 //! - [`request`]: the gateway's `QueueRequest` JSON, decoded and encoded.
 //! - [`broker`]: every use of NATS: connect, stream and consumer, pull, ack, publish.
 //! - [`invoke`]: HTTP calls to functions and callbacks; the [`invoke::Outcome`] of an attempt.
 //! - [`retry`]: back-off, jitter, `Retry-After` and per-function retry annotations.
 //! - [`timer`]: the thread that keeps leases alive and hands due retries back.
+//! - [`url`]: Go's URL escaping, the path and query checks, redaction for logs.
 //! - [`worker`]: one worker thread's loop from message to ack.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`endpoint`]: `/metrics`, `/healthz` and `/readyz` over HTTP.
@@ -18,6 +20,7 @@ pub mod broker;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod duration;
 pub mod endpoint;
 pub mod invoke;
 pub mod logging;
@@ -25,6 +28,7 @@ pub mod metrics;
 pub mod request;
 pub mod retry;
 pub mod timer;
+pub mod url;
 pub mod worker;
 
 use std::fmt;
