@@ -22,6 +22,8 @@ pub const DEFAULT_METRICS_PORT: u16 = 8081;
 /// Messages the consumer hands out before an ack: running plus waiting retries.
 pub const DEFAULT_MAX_ACK_PENDING: usize = 1000;
 pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 16 * 1024 * 1024;
+/// Request line plus queued headers of one invocation.
+pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 8 * 1024;
 pub const DEFAULT_RETRY_HTTP_CODES: &[u16] = &[408, 429, 500, 502, 503, 504];
 pub const DEFAULT_MAX_RETRY_ATTEMPTS: u32 = 100;
 pub const DEFAULT_INITIAL_RETRY_WAIT: Duration = Duration::from_secs(10);
@@ -48,6 +50,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub callback_timeout: Duration,
     pub max_response_bytes: u64,
+    /// Largest request line plus queued headers; a larger request fails without a retry.
+    pub max_request_header_bytes: usize,
     pub log: LogConfig,
     pub metrics_port: u16,
     pub retry: RetryConfig,
@@ -288,6 +292,12 @@ impl Config {
             "a number of bytes above zero",
             |s| s.parse().ok().filter(|n| *n > 0),
         )?;
+        let max_request_header_bytes = vars.parse(
+            "max_request_header_bytes",
+            DEFAULT_MAX_REQUEST_HEADER_BYTES,
+            "a number of bytes from 1024 to 1048576",
+            |s| s.parse().ok().filter(|n| (1024..=1024 * 1024).contains(n)),
+        )?;
         let encoding = vars.parse(
             "log_encoding",
             LogEncoding::Console,
@@ -367,6 +377,7 @@ impl Config {
             drain_timeout,
             callback_timeout,
             max_response_bytes,
+            max_request_header_bytes,
             log,
             metrics_port,
             retry: RetryConfig {
@@ -451,6 +462,11 @@ pub fn help() -> String {
             "max_response_bytes",
             DEFAULT_MAX_RESPONSE_BYTES.to_string(),
             "largest function response read",
+        ),
+        (
+            "max_request_header_bytes",
+            DEFAULT_MAX_REQUEST_HEADER_BYTES.to_string(),
+            "largest request line plus queued headers; larger requests fail without a retry",
         ),
         (
             "retry_http_codes",

@@ -207,12 +207,18 @@ fn serve(
         Err(e) => return Err(e.into()),
     };
     health.set_connected(true);
-    log::info!("connected to NATS at {}", config.nats_urls.join(","));
+    log::info!(
+        "connected to NATS at {}",
+        url::redact_list(&config.nats_urls)
+    );
 
     let spec = QueueSpec::from(config);
     let bound = broker.ensure(&spec)?;
     for warning in &bound.warnings {
         log::warn!("{warning}");
+    }
+    if let Some(subject) = &config.dead_letter_subject {
+        ensure_dead_letters(&broker, subject, &spec)?;
     }
     health.set_bound(true);
     if let Ok(s) = broker.queue_state(&spec.stream, &spec.durable) {
@@ -225,7 +231,7 @@ fn serve(
         .collect::<Result<Vec<_>, _>>()?;
     let (timer, timer_handle) = Timer::spawn(bound.ack_wait).map_err(Error::Spawn)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let resolver = invoke::CachingResolver::default();
+    let resolver = invoke::CachingResolver::for_gateway(&config.gateway_url);
     let shared = Arc::new(worker::Shared {
         timer: timer.clone(),
         metrics: metrics.clone(),
@@ -284,7 +290,7 @@ fn serve(
         config.stream,
         config.durable,
         config.subject,
-        config.gateway_url
+        url::redact(&config.gateway_url, true)
     );
 
     let result = crossbeam_channel::select! {
@@ -314,6 +320,26 @@ fn serve(
         Err(broker) => broker.flush(),
     }
     result
+}
+
+/// Makes sure a stream stores dead letters before any message can be given up, and says
+/// which one does.
+fn ensure_dead_letters(broker: &Broker, subject: &str, spec: &QueueSpec) -> Result<(), Error> {
+    let stream = broker.ensure_dead_letters(subject, spec)?;
+    if stream.created {
+        log::info!(
+            "created stream {} for dead letters on {subject} (file storage, {} replica(s), kept {} days)",
+            stream.name,
+            spec.replicas,
+            broker::DEAD_LETTER_MAX_AGE.as_secs() / 86_400
+        );
+    } else {
+        log::info!(
+            "dead letters on {subject} are stored by the existing stream {}",
+            stream.name
+        );
+    }
+    Ok(())
 }
 
 /// Stops pulling, waits for running invocations, hands back what is left, joins every thread.
