@@ -586,3 +586,68 @@ fn sanitize_header(s: &str) -> String {
         .take(512)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn callback_metadata_is_the_workers_own() {
+        for name in [
+            "X-Call-Id",
+            "x-function-status",
+            "X-Function-Name",
+            "X-Duration-Seconds",
+            "X-Retry",
+            "x-retry-max",
+        ] {
+            assert!(worker_owned(name), "{name}");
+        }
+        for name in ["Content-Type", "X-Custom", "X-Func", "X-Start-Time"] {
+            assert!(!worker_owned(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn head_size_counts_what_is_sent() {
+        let headers = vec![
+            ("Host".to_string(), "x".repeat(100)),
+            ("X-A".to_string(), "1".to_string()),
+        ];
+        // "GET /p HTTP/1.1\r\n" is 17 bytes, "X-A: 1\r\n" 8; Host is the client's own.
+        assert_eq!(request_head_bytes("GET", "/p", &headers), 25);
+    }
+
+    #[test]
+    fn only_the_gateway_is_cached() {
+        let resolver = CachingResolver::for_gateway("http://localhost:8080");
+        let config = ureq::config::Config::default();
+        let timeout = NextTimeout {
+            after: IoDuration::Exact(Duration::from_secs(5)),
+            reason: ureq::Timeout::Resolve,
+            ..NextTimeout::default()
+        };
+        for i in 0..200u32 {
+            let uri: http::Uri = format!("http://127.0.{}.{}:9/cb", i / 250, i % 250)
+                .parse()
+                .unwrap();
+            resolver.resolve(&uri, &config, timeout).unwrap();
+        }
+        let other: http::Uri = "http://localhost:9/cb".parse().unwrap();
+        resolver.resolve(&other, &config, timeout).unwrap();
+        assert_eq!(resolver.cached(), 0, "callback hosts are never kept");
+        let gateway: http::Uri = "http://localhost:8080/function/f".parse().unwrap();
+        resolver.resolve(&gateway, &config, timeout).unwrap();
+        assert_eq!(resolver.cached(), 1);
+    }
+
+    proptest! {
+        #[test]
+        fn head_size_never_panics(method in "\\PC{0,8}", path in "\\PC{0,30}", name in "\\PC{0,10}", value in "\\PC{0,30}") {
+            let n = request_head_bytes(&method, &path, &[(name.clone(), value.clone())]);
+            prop_assert!(n >= method.len() + path.len());
+            let _ = worker_owned(&name);
+        }
+    }
+}

@@ -489,6 +489,111 @@ mod tests {
     }
 
     #[test]
+    fn hostile_paths_queries_and_methods_are_refused() {
+        let decode = |v: serde_json::Value| Request::decode(v.to_string().as_bytes());
+        for path in [
+            "/../../admin",
+            "/%2e%2e/%2e%2e/admin",
+            "\\..\\admin",
+            "/a\r\nX: y",
+            "/\0",
+        ] {
+            let err = decode(serde_json::json!({"Function": "f", "Path": path})).unwrap_err();
+            assert_eq!(err.reason(), "path", "{path:?}: {err}");
+        }
+        for query in ["a=1#frag", "a=1\r\nX: y"] {
+            let err =
+                decode(serde_json::json!({"Function": "f", "QueryString": query})).unwrap_err();
+            assert_eq!(err.reason(), "query", "{query:?}");
+        }
+        for method in ["CONNECT", "TRACE", "PROPFIND", "GE T"] {
+            let err = decode(serde_json::json!({"Function": "f", "Method": method})).unwrap_err();
+            assert_eq!(err.reason(), "method", "{method}");
+            assert!(err.to_string().contains("GET, HEAD, POST"), "{err}");
+        }
+        let ok = decode(serde_json::json!({"Function": "f", "Method": "patch"})).unwrap();
+        assert_eq!(ok.method, "PATCH");
+    }
+
+    #[test]
+    fn paths_are_escaped_like_go() {
+        let req = Request::decode(
+            r#"{"Function":"echo","Path":"/a b/\u00fc#x?y","QueryString":"q=1"}"#.as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(req.invoke_path(), "/function/echo/a%20b/%C3%BC%23x%3Fy?q=1");
+        let inside = Request::decode(br#"{"Function":"echo","Path":"/a/../b"}"#).unwrap();
+        assert_eq!(inside.invoke_path(), "/function/echo/a/../b");
+    }
+
+    #[test]
+    fn callback_urls_round_trip_escaped_paths() {
+        for url in [
+            "http://h/cb/a%20b",
+            "http://h:8080/cb/%C3%BC?x=1&y=%20#frag",
+            "http://h/a!b",
+            "http://h/a%2Fb",
+            "https://h/",
+            "http://h",
+        ] {
+            let parsed = GoUrl::parse(url).unwrap_or_else(|| panic!("{url}"));
+            assert_eq!(parsed.to_url(), url);
+        }
+        // `publish --callback` queues the decoded path; the rebuild escapes it once.
+        let u = GoUrl::parse("http://h/cb/a%20b").unwrap();
+        assert_eq!((u.path.as_str(), u.raw_path.as_str()), ("/cb/a b", ""));
+        let u = GoUrl::parse("http://user:pw@h/x").unwrap();
+        assert_eq!(u.host, "h");
+        assert_eq!(u.to_url(), "http://h/x");
+        assert_eq!(GoUrl::parse("http://h/a%zz"), None);
+        assert_eq!(GoUrl::parse("http://h/a b"), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics_on_bytes(data in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = Request::decode(&data);
+        }
+
+        #[test]
+        fn decode_never_panics_on_near_valid_json(
+            function in "[a-z.-]{0,8}",
+            path in "\\PC{0,20}|[./%2e\\\\]{0,20}",
+            query in "\\PC{0,20}",
+            method in "[A-Za-z ]{0,8}",
+            body in "[A-Za-z0-9+/=]{0,12}",
+            header in "\\PC{0,20}",
+        ) {
+            let json = serde_json::json!({
+                "Function": function, "Path": path, "QueryString": query, "Method": method,
+                "Body": body, "Header": {"X-A": [header]},
+                "Annotations": {"com.openfaas.retry.min_wait": path},
+            });
+            if let Ok(req) = Request::decode(json.to_string().as_bytes()) {
+                let p = req.invoke_path();
+                let prefix = format!("/function/{}/", req.function);
+                proptest::prop_assert!(p.starts_with(&prefix), "{}", p);
+                proptest::prop_assert!(!p.contains(['\r', '\n', '\0', '#', ' ']), "{}", p);
+            }
+        }
+
+        #[test]
+        fn rebuilt_urls_parse_back(
+            host in "[a-z0-9]{1,8}(:[0-9]{1,5})?",
+            path in "(/\\PC{0,8}){0,3}",
+            query in "([a-z0-9=&]{0,8})",
+            fragment in "\\PC{0,6}",
+        ) {
+            let u = GoUrl { scheme: "http".into(), host, path, raw_query: query, fragment, ..GoUrl::default() };
+            let url = u.to_url();
+            let back = GoUrl::parse(&url).unwrap();
+            proptest::prop_assert_eq!(&back.path, &u.path);
+            proptest::prop_assert_eq!(&back.fragment, &u.fragment);
+            proptest::prop_assert_eq!(back.to_url(), url);
+        }
+    }
+
+    #[test]
     fn go_url_rebuild() {
         let u = GoUrl {
             scheme: "http".into(),
