@@ -225,9 +225,13 @@ fn bad_messages_are_terminated_logged_and_counted() {
     }
     publish_json(&nc, STREAM, &gateway_request("good", b""));
     function.wait_for_count(1, SECS(10));
-    worker.wait_metric("queue_worker_malformed_messages_total", SECS(10), |v| {
-        v == 4.0
-    });
+    for (reason, n) in [("json", 2.0), ("function", 1.0), ("body", 1.0)] {
+        worker.wait_metric(
+            &format!("queue_worker_malformed_messages_total{{reason=\"{reason}\"}}"),
+            SECS(10),
+            |v| v == n,
+        );
+    }
     wait_until(SECS(10), "bad messages gone from the stream", || {
         stream_messages(&nc, STREAM) == 0
     });
