@@ -826,6 +826,17 @@ mod tests {
         assert_eq!(parse_duration("30"), None);
         assert_eq!(parse_duration("-1s"), None);
         assert_eq!(parse_duration("1 m"), None);
+        // The inputs that panicked or spun the old crate.
+        assert_eq!(parse_duration("1µs"), Some(Duration::from_micros(1)));
+        assert_eq!(parse_duration("1é"), None);
+        assert_eq!(
+            parse_duration("1.11111111111111111111s"),
+            Some(Duration::new(1, 111_111_111))
+        );
+        let c = config(&[("upstream_timeout", "1µs")]).unwrap();
+        assert_eq!(c.upstream_timeout, Duration::from_micros(1));
+        let e = config(&[("upstream_timeout", "1é")]).unwrap_err();
+        assert_eq!(e.var, "upstream_timeout");
         assert_eq!(go_duration(Duration::from_secs(90)), "1m30s");
         assert_eq!(go_duration(Duration::from_secs(60)), "1m");
     }
