@@ -408,3 +408,40 @@ fn secrets_stay_out_of_the_logs() {
     worker.wait_log("callback to http://127.0.0.1:1/cb failed", SECS(10));
     assert!(!worker.logs().contains("s3cr3t"));
 }
+
+#[test]
+fn a_call_id_that_cannot_be_a_nats_header_stays_out_of_the_dead_letter() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::from_fn(|_| Reply::status(500));
+    let worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[
+            ("max_retry_attempts", "1"),
+            ("dead_letter_subject", "faas-dead"),
+        ],
+    );
+    let nc = connect(&nats.url());
+    let mut req = gateway_request("broken", b"");
+    // Valid in HTTP (a tab and spaces), not as a NATS message id or header value.
+    req["Header"]["X-Call-Id"] = json!(["evil id\twith: tab"]);
+    let seq = publish_json(&nc, STREAM, &req).sequence;
+    worker.wait_metric(
+        "queue_worker_dead_letters_total{result=\"stored\"}",
+        SECS(10),
+        |v| v == 1.0,
+    );
+    let dead = jetstream(&nc)
+        .get_message("faas-request-dead-letters", 1)
+        .unwrap();
+    let headers = dead.headers.expect("dead letter headers");
+    assert_eq!(
+        headers.get("Nats-Msg-Id").map(String::as_str),
+        Some(format!("dead-faas-request-{seq}").as_str())
+    );
+    assert!(headers.get("X-Call-Id").is_none());
+    assert_eq!(
+        headers.get("X-Stream-Sequence").map(String::as_str),
+        Some(seq.to_string().as_str())
+    );
+}
