@@ -642,6 +642,27 @@ mod tests {
         assert_eq!(resolver.cached(), 1);
     }
 
+    #[test]
+    fn a_lookup_waits_no_longer_than_the_call_allows() {
+        let resolver = CachingResolver::for_gateway("http://gateway:8080");
+        let started = Instant::now();
+        // The helper thread cannot answer in no time: the call gives up at once.
+        let result = resolver.lookup("localhost:80", Duration::ZERO);
+        assert!(
+            matches!(result, Err(ureq::Error::Timeout(ureq::Timeout::Resolve))),
+            "{result:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // IP literals are never looked up.
+        assert!(resolver.lookup("127.0.0.1:80", Duration::ZERO).is_ok());
+        // The helper thread ends and gives its slot back.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while resolver.lookups.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(resolver.lookups.load(Ordering::SeqCst), 0);
+    }
+
     proptest! {
         #[test]
         fn head_size_never_panics(method in "\\PC{0,8}", path in "\\PC{0,30}", name in "\\PC{0,10}", value in "\\PC{0,30}") {

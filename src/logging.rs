@@ -41,7 +41,32 @@ pub fn init(config: &LogConfig) {
             builder.format(format_console);
         }
     }
-    let _ = builder.try_init();
+    if builder.try_init().is_ok() {
+        log_panics();
+    }
+}
+
+/// Panics go to the log (one JSON object with `log_encoding=json`) instead of raw stderr
+/// lines. A panic while handling a message is then also logged with its stream sequence by
+/// the worker, which terminates that message and goes on.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("unknown panic");
+        let thread = std::thread::current();
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        log::error!(
+            "thread {} panicked at {at}: {what}",
+            thread.name().unwrap_or("unnamed")
+        );
+    }));
 }
 
 /// One JSON object a line, written straight into the buffer (no intermediate map): the worker

@@ -155,6 +155,11 @@ fn hostile_messages_beside_normal_traffic() {
         "the oversized request is reported"
     );
     assert!(logs.contains("panicked"), "the panic is logged");
+    for line in logs.lines() {
+        let v: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(v["msg"].is_string(), "{line}");
+    }
     assert!(logs.contains("dot segments"), "the path refusal says why");
     // The oversized request was not retried: one failed attempt, acked.
     worker.wait_metric(
