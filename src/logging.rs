@@ -129,16 +129,35 @@ impl<'kvs> VisitSource<'kvs> for JsonFields<'_> {
 
 fn format_console(buf: &mut Formatter, record: &log::Record<'_>) -> std::io::Result<()> {
     let style = buf.default_level_style(record.level());
+    // Messages and fields may carry queued text: one record is one line, whatever it holds.
+    let message = record.args().to_string();
     write!(
         buf,
         "{} {style}{:<5}{style:#} {}",
         buf.timestamp_millis(),
         record.level(),
-        record.args()
+        one_line(&message)
     )?;
     let mut fields = ConsoleFields(String::new());
     let _ = record.key_values().visit(&mut fields);
-    writeln!(buf, "{}", fields.0)
+    writeln!(buf, "{}", one_line(&fields.0))
+}
+
+/// `s` with control characters written as escapes (`\n`, `\u{1b}`), so that no text can start
+/// a log line of its own or restyle the terminal.
+fn one_line(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.contains(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 struct ConsoleFields(String);
@@ -147,5 +166,17 @@ impl<'kvs> VisitSource<'kvs> for ConsoleFields {
     fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), log::kv::Error> {
         self.0.push_str(&format!(" {key}={value}"));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn console_lines_stay_one_line() {
+        assert_eq!(super::one_line("plain ü"), "plain ü");
+        assert_eq!(
+            super::one_line("a\r\nINFO forged\u{1b}[31m"),
+            "a\\r\\nINFO forged\\u{1b}[31m"
+        );
     }
 }
