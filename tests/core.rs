@@ -421,6 +421,9 @@ fn bad_configuration_exits_2_naming_the_variable() {
         ("max_inflight", "0"),
         ("ack_wait", "soon"),
         ("retry_http_codes", "5xx"),
+        // A multi-byte unit panicked the old duration parser instead of exiting 2.
+        ("upstream_timeout", "1é"),
+        ("initial_retry_wait", "1.5µ"),
     ] {
         let out = run_cli(&[], &[(var, value)]);
         assert_eq!(out.status.code(), Some(2), "{var}={value}");

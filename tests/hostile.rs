@@ -450,3 +450,23 @@ fn a_call_id_that_cannot_be_a_nats_header_stays_out_of_the_dead_letter() {
         Some(seq.to_string().as_str())
     );
 }
+
+#[test]
+fn a_microsecond_upstream_timeout_starts() {
+    // `1µs` panicked the old duration parser at start.
+    let nats = NatsServer::start();
+    let function = FunctionServer::ok();
+    let worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[("upstream_timeout", "1µs"), ("max_retry_attempts", "1")],
+    );
+    let nc = connect(&nats.url());
+    publish_json(&nc, STREAM, &gateway_request("f", b""));
+    worker.wait_metric(
+        "queue_worker_messages_processed_total{queue_name=\"faas-request\"}",
+        SECS(10),
+        |v| v == 1.0,
+    );
+    assert!(worker.is_running());
+}
