@@ -137,8 +137,9 @@ fn handle(
         lease,
     };
     if job.attempt > job.max_attempts {
-        // Every attempt was spent before a restart cut the last one short.
-        let reply = Reply::failed("no attempts left after a restart".into(), Duration::ZERO);
+        // Every attempt was spent before: a restart cut the last one short, or storing its
+        // dead letter failed and it was handed back to try that again.
+        let reply = Reply::failed("no attempts left".into(), Duration::ZERO);
         give_up(s, puller, &job, &reply, original, &policy);
         return;
     }
