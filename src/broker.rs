@@ -210,6 +210,8 @@ impl Broker {
         events: Option<Arc<dyn ConnectionEvents>>,
     ) -> Result<Broker, BrokerError> {
         let joined = urls.join(",");
+        // Errors and logs name the servers without their credentials.
+        let shown = crate::url::redact_list(urls);
         let generation = Arc::new(AtomicU64::new(0));
         let mut options = nats::Options::new()
             .with_name(concat!("queue-worker ", env!("CARGO_PKG_VERSION")))
@@ -249,13 +251,13 @@ impl Broker {
         let nc = options
             .connect(joined.as_str())
             .map_err(|source| BrokerError::Connect {
-                urls: joined.clone(),
+                urls: shown.clone(),
                 source,
             })?;
         gate.store(true, Ordering::SeqCst);
         let inbox = nc.new_inbox();
         let flusher = Flusher::spawn(&nc).map_err(|source| BrokerError::Connect {
-            urls: joined.clone(),
+            urls: shown,
             source,
         })?;
         Ok(Broker {
@@ -1261,5 +1263,191 @@ mod tests {
         assert!(subject_matches("faas.>", "faas.a.b"));
         assert!(!subject_matches("faas.*", "faas.a.b"));
         assert!(!subject_matches("other", "faas-request"));
+    }
+}
+
+/// Retention of a dead-letter stream the worker creates: kept this long, then dropped.
+pub const DEAD_LETTER_MAX_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// The stream that keeps dead letters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterStream {
+    pub name: String,
+    /// Made by the worker at start, rather than found.
+    pub created: bool,
+}
+
+/// Whether a text can be a `Nats-Msg-Id`: a short token of letters, digits, `-`, `_`, `.`.
+pub fn valid_msg_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Whether a text can go into a NATS header value as it is: printable, no CR, LF or NUL,
+/// at most 4 KiB.
+pub fn valid_header_value(v: &str) -> bool {
+    v.len() <= 4096 && !v.chars().any(|c| c.is_control())
+}
+
+/// A text made fit for a NATS header value: control characters become spaces, and it is cut
+/// to 512 bytes (at a character boundary).
+pub fn header_value_lossy(v: &str) -> String {
+    let mut out = String::with_capacity(v.len().min(512));
+    for c in v.chars() {
+        if out.len() + c.len_utf8() > 512 {
+            break;
+        }
+        out.push(if c.is_control() { ' ' } else { c });
+    }
+    out
+}
+
+fn valid_header_name(n: &str) -> bool {
+    !n.is_empty() && n.len() <= 256 && n.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+}
+
+impl Broker {
+    /// Makes sure a stream captures `subject`: uses the one that does as it is, or creates
+    /// `<stream>-dead-letters` (file storage, the queue's replicas, limits retention for
+    /// [`DEAD_LETTER_MAX_AGE`]).
+    pub fn ensure_dead_letters(
+        &self,
+        subject: &str,
+        spec: &QueueSpec,
+    ) -> Result<DeadLetterStream, BrokerError> {
+        if let Some(name) = self.stream_for_subject(subject)? {
+            return Ok(DeadLetterStream {
+                name,
+                created: false,
+            });
+        }
+        let name = format!("{}-dead-letters", spec.stream);
+        let config = StreamConfig {
+            name: name.clone(),
+            subjects: vec![subject.to_string()],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            num_replicas: spec.replicas,
+            max_age: DEAD_LETTER_MAX_AGE,
+            ..StreamConfig::default()
+        };
+        match self.js.add_stream(config) {
+            Ok(_) => Ok(DeadLetterStream {
+                name,
+                created: true,
+            }),
+            // Another worker may have created it a moment ago.
+            Err(e) => match self.stream_for_subject(subject)? {
+                Some(name) => Ok(DeadLetterStream {
+                    name,
+                    created: false,
+                }),
+                None => Err(api(format!("creating dead-letter stream {name}"))(e)),
+            },
+        }
+    }
+
+    /// The name of the stream that captures `subject`, if any.
+    pub fn stream_for_subject(&self, subject: &str) -> Result<Option<String>, BrokerError> {
+        #[derive(serde::Deserialize)]
+        struct Names {
+            #[serde(default)]
+            streams: Option<Vec<String>>,
+            #[serde(default)]
+            error: Option<serde_json::Value>,
+        }
+        let step = || format!("looking up the stream of subject {subject}");
+        let request = serde_json::json!({ "subject": subject }).to_string();
+        let reply = self
+            .nc
+            .request_timeout("$JS.API.STREAM.NAMES", request, Duration::from_secs(5))
+            .map_err(api(step()))?;
+        let names: Names = serde_json::from_slice(&reply.data)
+            .map_err(|e| api(step())(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+        if let Some(error) = names.error {
+            return Err(api(step())(io::Error::other(error.to_string())));
+        }
+        Ok(names.streams.unwrap_or_default().into_iter().next())
+    }
+
+    /// Messages stored in the stream that captures `subject`, and its name.
+    pub fn dead_letter_count(&self, subject: &str) -> Result<Option<(String, u64)>, BrokerError> {
+        let Some(name) = self.stream_for_subject(subject)? else {
+            return Ok(None);
+        };
+        let info = self
+            .js
+            .stream_info(&name)
+            .map_err(api(format!("reading stream {name}")))?;
+        Ok(Some((name, info.state.messages)))
+    }
+
+    /// Publishes one message once and waits up to `timeout` for the server to confirm it is
+    /// stored; returns its stream sequence. Headers NATS cannot carry are refused.
+    pub fn publish_acked(
+        &self,
+        subject: &str,
+        message: &OutMessage,
+        timeout: Duration,
+    ) -> Result<u64, BrokerError> {
+        let mut headers = HeaderMap::new();
+        if !valid_msg_id(&message.id) {
+            return Err(BrokerError::Publish(format!(
+                "invalid message id {:?}",
+                message.id
+            )));
+        }
+        headers.insert(nats::header::NATS_MSG_ID, message.id.as_str());
+        for (k, v) in &message.headers {
+            if !valid_header_name(k) || !valid_header_value(v) {
+                return Err(BrokerError::Publish(format!(
+                    "header {k:?} cannot go into a NATS message"
+                )));
+            }
+            headers.insert(k.as_str(), v.as_str());
+        }
+        let reply = self
+            .nc
+            .request_with_headers_or_timeout(subject, Some(&headers), Some(timeout), &message.data)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => {
+                    BrokerError::Publish(format!("no stream captures subject {subject}"))
+                }
+                io::ErrorKind::TimedOut => {
+                    BrokerError::Publish(format!("no acknowledgement within {timeout:?}"))
+                }
+                _ => BrokerError::Publish(e.to_string()),
+            })?;
+        parse_pub_ack(&reply, subject)
+    }
+}
+
+#[cfg(test)]
+mod header_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn nats_header_checks() {
+        assert!(valid_msg_id("dead-3f2a-11"));
+        assert!(!valid_msg_id("a\r\nX-Evil: 1"));
+        assert!(!valid_msg_id(""));
+        assert!(!valid_msg_id(&"a".repeat(129)));
+        assert!(valid_header_value("status 503"));
+        assert!(!valid_header_value("a\r\nb"));
+        assert_eq!(header_value_lossy("a\r\nb"), "a  b");
+        assert!(!valid_header_name("X:Y"));
+    }
+
+    proptest! {
+        #[test]
+        fn lossy_values_are_always_valid(s in "\\PC{0,600}|[\\x00-\\x1f]{0,20}") {
+            let v = header_value_lossy(&s);
+            prop_assert!(valid_header_value(&v));
+            prop_assert!(v.len() <= 512);
+        }
     }
 }

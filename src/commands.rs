@@ -116,11 +116,20 @@ pub fn status(config: &Config, json: bool) -> Result<(), Error> {
     let broker = Broker::connect_once(&config.nats_urls, None)?;
     let stream = broker.queue_stream(&QueueSpec::from(config))?;
     let state = broker.queue_state(&stream, &config.durable)?;
+    let dead = match &config.dead_letter_subject {
+        Some(subject) => broker.dead_letter_count(subject)?,
+        None => None,
+    };
     broker.close();
     if json {
         println!(
             "{}",
-            serde_json::to_string(&state).map_err(|e| Error::Command(e.to_string()))?
+            serde_json::to_string(&StatusJson {
+                state: &state,
+                dead_letter_stream: dead.as_ref().map(|(name, _)| name.as_str()),
+                dead_letters: dead.as_ref().map(|(_, n)| *n),
+            })
+            .map_err(|e| Error::Command(e.to_string()))?
         );
     } else {
         println!(
@@ -141,6 +150,13 @@ pub fn status(config: &Config, json: bool) -> Result<(), Error> {
             state.redelivered,
             state.waiting
         );
+        match (&config.dead_letter_subject, &dead) {
+            (Some(_), Some((name, n))) => {
+                println!("dead letters {name}\n  messages     {n}")
+            }
+            (Some(subject), None) => println!("dead letters: no stream captures {subject}"),
+            (None, _) => {}
+        }
     }
     Ok(())
 }
@@ -152,6 +168,17 @@ pub(crate) fn publish_subject(queue: &str, function: &str) -> Option<String> {
     let ok =
         valid_function_name(function) && tokens <= 2 && !function.split('.').any(str::is_empty);
     ok.then(|| format!("{queue}.{function}"))
+}
+
+/// `status --json`: the queue counters and, with `dead_letter_subject`, the dead letters.
+#[derive(serde::Serialize)]
+struct StatusJson<'a> {
+    #[serde(flatten)]
+    state: &'a crate::broker::QueueState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dead_letter_stream: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dead_letters: Option<u64>,
 }
 
 #[cfg(test)]

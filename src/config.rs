@@ -31,6 +31,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub callback_timeout: Duration,
     pub max_response_bytes: u64,
+    /// Largest request line plus queued headers; a larger request fails without a retry.
+    pub max_request_header_bytes: usize,
     pub log: LogConfig,
     pub metrics_port: u16,
     pub retry: RetryConfig,
@@ -328,6 +330,17 @@ pub(crate) const SETTINGS: &[Setting] = &[
         apply: |d, v| {
             d.c.max_response_bytes = with(v, "a number of bytes above zero", |v| {
                 v.parse().ok().filter(|n| *n > 0)
+            })?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "max_request_header_bytes",
+        default: DefaultIs::Value("8192"),
+        help: "largest request line plus queued headers; larger requests fail before a byte is sent, without a retry",
+        apply: |d, v| {
+            d.c.max_request_header_bytes = with(v, "a number of bytes from 1024 to 1048576", |v| {
+                v.parse().ok().filter(|n| (1024..=1024 * 1024).contains(n))
             })?;
             Ok(())
         },
@@ -681,6 +694,7 @@ impl Config {
             drain_timeout: Duration::ZERO,
             callback_timeout: Duration::ZERO,
             max_response_bytes: 0,
+            max_request_header_bytes: 0,
             log: LogConfig {
                 encoding: LogEncoding::Console,
                 debug: false,
@@ -741,8 +755,7 @@ pub fn markdown_table() -> String {
 
 /// Parses a Go duration (`300ms`, `1.5s`, `1m30s`, `0`); negative durations are refused.
 pub fn parse_duration(s: &str) -> Option<Duration> {
-    let nanos = go_parse_duration::parse_duration(s.trim()).ok()?;
-    u64::try_from(nanos).ok().map(Duration::from_nanos)
+    crate::duration::parse_go_duration(s.trim()).ok()
 }
 
 /// Go's `strconv.ParseBool`.
@@ -1119,6 +1132,17 @@ mod tests {
         assert_eq!(parse_duration("30"), None);
         assert_eq!(parse_duration("-1s"), None);
         assert_eq!(parse_duration("1 m"), None);
+        // The inputs that panicked or spun the old crate.
+        assert_eq!(parse_duration("1µs"), Some(Duration::from_micros(1)));
+        assert_eq!(parse_duration("1é"), None);
+        assert_eq!(
+            parse_duration("1.11111111111111111111s"),
+            Some(Duration::new(1, 111_111_111))
+        );
+        let c = config(&[("upstream_timeout", "1µs")]).unwrap();
+        assert_eq!(c.upstream_timeout, Duration::from_micros(1));
+        let e = config(&[("upstream_timeout", "1é")]).unwrap_err();
+        assert_eq!(e.var, "upstream_timeout");
     }
 
     #[test]

@@ -3,10 +3,11 @@
 //! [`Invoker::invoke`] sends one request to `{gateway_url}/function/{name}{path}?{query}` and
 //! returns an [`Outcome`]; the worker turns the outcome into an ack.
 
-use std::collections::HashMap;
 use std::io::Read as _;
-use std::net::ToSocketAddrs as _;
+use std::net::{SocketAddr, ToSocketAddrs as _};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use ureq::http;
@@ -79,27 +80,94 @@ impl Reply {
     }
 }
 
-/// The largest response head, and the output buffer of each HTTP connection (which bounds the
-/// longest request header line). Every worker thread keeps one connection: 512 threads with
+/// The largest response head. Every worker thread keeps one connection: 512 threads with
 /// ureq's default 2 x 128 KiB buffers would hold 128 MiB.
 const MAX_HEAD: usize = 8 * 1024;
+/// Room in the output buffer for the headers the worker adds itself (Host, User-Agent,
+/// Content-Length), beyond `max_request_header_bytes`.
+const OWN_HEADERS: usize = 1024;
 /// The input buffer must exceed the head limit, or ureq reports a longer head as a disconnect
 /// instead of [`ureq::Error::LargeResponseHeader`].
 const INPUT_BUFFER: usize = MAX_HEAD + 1024;
 
-/// How long a resolved host name is reused.
+/// How long a resolved gateway host name is reused.
 const DNS_TTL: Duration = Duration::from_secs(5);
+/// Longest wait for a lookup when the call has no deadline of its own.
+const DNS_MAX_WAIT: Duration = Duration::from_secs(30);
+/// Lookups running at once; beyond this a call fails instead of starting another thread.
+const DNS_MAX_LOOKUPS: usize = 64;
 
-/// Resolves on the calling thread and remembers answers for [`DNS_TTL`].
+/// Resolves host names within the call's timeout, and remembers the gateway's answer for
+/// [`DNS_TTL`].
 ///
 /// ureq's default resolver starts a thread for every request once any timeout is set (it runs
 /// even for pooled connections and IP literals), which cut throughput eightfold here; and a
 /// lookup per invocation of `gateway.openfaas` means several DNS queries per message in
-/// Kubernetes. A host that stops resolving is noticed within the TTL.
-/// One cache shared by the HTTP clients of every worker thread.
+/// Kubernetes. So IP literals are never looked up, and the gateway's name is cached in one
+/// slot. Callback hosts come from messages: they are looked up each time and never kept, so
+/// no message can grow memory. A lookup runs on a short-lived thread that the call waits for
+/// no longer than its timeout; at most [`DNS_MAX_LOOKUPS`] run at once.
 #[derive(Debug, Default, Clone)]
 pub struct CachingResolver {
-    cache: Arc<Mutex<HashMap<String, (Instant, ResolvedSocketAddrs)>>>,
+    /// `host:port` of the gateway, the one name that is cached.
+    gateway: Option<String>,
+    cache: Arc<Mutex<Option<(Instant, ResolvedSocketAddrs)>>>,
+    lookups: Arc<AtomicUsize>,
+}
+
+impl CachingResolver {
+    /// A resolver that caches `gateway_url`'s host only.
+    pub fn for_gateway(gateway_url: &str) -> CachingResolver {
+        let gateway = gateway_url
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|uri| DefaultResolver::host_and_port(uri.scheme()?, uri.authority()?));
+        CachingResolver {
+            gateway,
+            ..CachingResolver::default()
+        }
+    }
+
+    /// Looks `key` up on a helper thread, waiting at most `wait`.
+    fn lookup(&self, key: &str, wait: Duration) -> Result<Vec<SocketAddr>, ureq::Error> {
+        if let Ok(addr) = key.parse::<SocketAddr>() {
+            return Ok(vec![addr]);
+        }
+        if wait.is_zero() {
+            return Err(ureq::Error::Timeout(ureq::Timeout::Resolve));
+        }
+        if self.lookups.fetch_add(1, Ordering::SeqCst) >= DNS_MAX_LOOKUPS {
+            self.lookups.fetch_sub(1, Ordering::SeqCst);
+            return Err(ureq::Error::Io(std::io::Error::other(
+                "too many DNS lookups in progress",
+            )));
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (owned, lookups) = (key.to_string(), self.lookups.clone());
+        let spawned = thread::Builder::new()
+            .name("dns".into())
+            .stack_size(128 * 1024)
+            .spawn(move || {
+                let result = owned
+                    .to_socket_addrs()
+                    .map(|addrs| addrs.take(16).collect::<Vec<_>>());
+                lookups.fetch_sub(1, Ordering::SeqCst);
+                let _ = tx.send(result);
+            });
+        if let Err(e) = spawned {
+            self.lookups.fetch_sub(1, Ordering::SeqCst);
+            return Err(ureq::Error::Io(e));
+        }
+        match rx.recv_timeout(wait) {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(ureq::Error::Timeout(ureq::Timeout::Resolve)),
+        }
+    }
+
+    /// Entries held in the cache (0 or 1).
+    pub fn cached(&self) -> usize {
+        usize::from(self.cache.lock().map(|c| c.is_some()).unwrap_or(false))
+    }
 }
 
 impl Resolver for CachingResolver {
@@ -107,25 +175,31 @@ impl Resolver for CachingResolver {
         &self,
         uri: &http::Uri,
         config: &ureq::config::Config,
-        _timeout: NextTimeout,
+        timeout: NextTimeout,
     ) -> Result<ResolvedSocketAddrs, ureq::Error> {
         let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
             return Err(ureq::Error::BadUri(uri.to_string()));
         };
         let key = DefaultResolver::host_and_port(scheme, authority)
             .ok_or_else(|| ureq::Error::BadUri(uri.to_string()))?;
+        let is_gateway = self.gateway.as_deref() == Some(key.as_str());
         let now = Instant::now();
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, addrs)) = cache.get(&key) {
-            if now.duration_since(*at) < DNS_TTL {
-                return Ok(addrs.clone());
+        if is_gateway {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, addrs)) = cache.as_ref() {
+                if now.duration_since(*at) < DNS_TTL {
+                    return Ok(addrs.clone());
+                }
             }
         }
-        drop(cache);
+        let wait = match timeout.after {
+            IoDuration::Exact(d) => d.min(DNS_MAX_WAIT),
+            _ => DNS_MAX_WAIT,
+        };
         let mut addrs = self.empty();
         for addr in config
             .ip_family()
-            .keep_wanted(key.to_socket_addrs()?)
+            .keep_wanted(self.lookup(&key, wait)?.into_iter())
             .take(16)
         {
             addrs.push(addr);
@@ -133,8 +207,10 @@ impl Resolver for CachingResolver {
         if addrs.is_empty() {
             return Err(ureq::Error::HostNotFound);
         }
-        cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache.insert(key, (now, addrs.clone()));
+        if is_gateway {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            *cache = Some((now, addrs.clone()));
+        }
         Ok(addrs)
     }
 }
@@ -274,6 +350,8 @@ pub struct Invoker {
     callback_agent: ureq::Agent,
     gateway_url: String,
     max_response_bytes: u64,
+    /// Largest request line plus queued headers (`max_request_header_bytes`).
+    max_request_head: usize,
 }
 
 /// What a callback reports besides the function's own response.
@@ -296,7 +374,8 @@ impl Invoker {
                 .max_idle_connections_per_host(1)
                 .allow_non_standard_methods(true)
                 .input_buffer_size(INPUT_BUFFER)
-                .output_buffer_size(MAX_HEAD)
+                // The whole head fits, so it is written in one piece or not at all.
+                .output_buffer_size(config.max_request_header_bytes + OWN_HEADERS)
                 .max_response_header_size(MAX_HEAD)
                 .build();
             ureq::Agent::with_parts(config, LeanConnector::default(), resolver.clone())
@@ -306,18 +385,31 @@ impl Invoker {
             callback_agent: agent(config.callback_timeout),
             gateway_url: config.gateway_url.clone(),
             max_response_bytes: config.max_response_bytes,
+            max_request_head: config.max_request_header_bytes,
         }
     }
 
     /// Calls the function once and classifies the result with the request's retry policy.
     pub fn invoke(&self, req: &Request, policy: &RetryPolicy) -> Outcome {
         let started = Instant::now();
-        let url = format!("{}{}", self.gateway_url, req.invoke_path());
+        let path = req.invoke_path();
+        // Decided before a byte is written: a head that does not fit never succeeds.
+        let head = request_head_bytes(&req.method, &path, &req.headers);
+        if head > self.max_request_head {
+            return Outcome::Permanent(Reply::failed(
+                format!(
+                    "request line and headers take {head} bytes, over max_request_header_bytes ({})",
+                    self.max_request_head
+                ),
+                started.elapsed(),
+            ));
+        }
+        let url = format!("{}{path}", self.gateway_url);
         let mut builder = http::Request::builder()
             .method(req.method.as_str())
             .uri(&url);
         for (name, value) in &req.headers {
-            if forwarded(name, &["host", "content-length", "user-agent"]) {
+            if forwarded(name, QUEUED_OWN) {
                 builder = builder.header(name.as_str(), value.as_str());
             }
         }
@@ -391,7 +483,7 @@ impl Invoker {
     pub fn callback(&self, url: &str, reply: &Reply, info: &CallbackInfo<'_>) -> CallbackResult {
         let mut builder = http::Request::builder().method("POST").uri(url);
         for (name, value) in &reply.headers {
-            if forwarded(name, &["content-length"]) {
+            if forwarded(name, &["content-length"]) && !worker_owned(name) {
                 builder = builder.header(name.as_str(), value.as_str());
             }
         }
@@ -434,6 +526,33 @@ impl Invoker {
     }
 }
 
+/// The size of the request line and the queued headers that are forwarded, as written.
+pub fn request_head_bytes(method: &str, path: &str, headers: &[(String, String)]) -> usize {
+    let line = method.len() + 1 + path.len() + " HTTP/1.1\r\n".len();
+    headers
+        .iter()
+        .filter(|(name, _)| forwarded(name, QUEUED_OWN))
+        .fold(line, |sum, (name, value)| {
+            sum.saturating_add(name.len() + value.len() + 4)
+        })
+}
+
+/// Queued headers the worker sets itself instead.
+const QUEUED_OWN: &[&str] = &["host", "content-length", "user-agent"];
+
+/// Callback headers only the worker may set: the function's own are dropped, so each is sent
+/// once with the worker's value.
+fn worker_owned(name: &str) -> bool {
+    let lower = |prefix: &str| {
+        name.get(..prefix.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+    };
+    name.eq_ignore_ascii_case("x-call-id")
+        || name.eq_ignore_ascii_case("x-duration-seconds")
+        || lower("x-function-")
+        || lower("x-retry")
+}
+
 /// Whether a received header is passed on: not hop-by-hop and not one of `own` (headers the
 /// client sets itself).
 fn forwarded(name: &str, own: &[&str]) -> bool {
@@ -469,4 +588,90 @@ fn sanitize_header(s: &str) -> String {
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(512)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn callback_metadata_is_the_workers_own() {
+        for name in [
+            "X-Call-Id",
+            "x-function-status",
+            "X-Function-Name",
+            "X-Duration-Seconds",
+            "X-Retry",
+            "x-retry-max",
+        ] {
+            assert!(worker_owned(name), "{name}");
+        }
+        for name in ["Content-Type", "X-Custom", "X-Func", "X-Start-Time"] {
+            assert!(!worker_owned(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn head_size_counts_what_is_sent() {
+        let headers = vec![
+            ("Host".to_string(), "x".repeat(100)),
+            ("X-A".to_string(), "1".to_string()),
+        ];
+        // "GET /p HTTP/1.1\r\n" is 17 bytes, "X-A: 1\r\n" 8; Host is the client's own.
+        assert_eq!(request_head_bytes("GET", "/p", &headers), 25);
+    }
+
+    #[test]
+    fn only_the_gateway_is_cached() {
+        let resolver = CachingResolver::for_gateway("http://localhost:8080");
+        let config = ureq::config::Config::default();
+        let timeout = NextTimeout {
+            after: IoDuration::Exact(Duration::from_secs(5)),
+            reason: ureq::Timeout::Resolve,
+            ..NextTimeout::default()
+        };
+        for i in 0..200u32 {
+            let uri: http::Uri = format!("http://127.0.{}.{}:9/cb", i / 250, i % 250)
+                .parse()
+                .unwrap();
+            resolver.resolve(&uri, &config, timeout).unwrap();
+        }
+        let other: http::Uri = "http://localhost:9/cb".parse().unwrap();
+        resolver.resolve(&other, &config, timeout).unwrap();
+        assert_eq!(resolver.cached(), 0, "callback hosts are never kept");
+        let gateway: http::Uri = "http://localhost:8080/function/f".parse().unwrap();
+        resolver.resolve(&gateway, &config, timeout).unwrap();
+        assert_eq!(resolver.cached(), 1);
+    }
+
+    #[test]
+    fn a_lookup_waits_no_longer_than_the_call_allows() {
+        let resolver = CachingResolver::for_gateway("http://gateway:8080");
+        let started = Instant::now();
+        // No time left: no lookup at all.
+        let result = resolver.lookup("localhost:80", Duration::ZERO);
+        assert!(
+            matches!(result, Err(ureq::Error::Timeout(ureq::Timeout::Resolve))),
+            "{result:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // IP literals are never looked up.
+        assert!(resolver.lookup("127.0.0.1:80", Duration::ZERO).is_ok());
+        // The helper thread ends and gives its slot back.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while resolver.lookups.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(resolver.lookups.load(Ordering::SeqCst), 0);
+    }
+
+    proptest! {
+        #[test]
+        fn head_size_never_panics(method in "\\PC{0,8}", path in "\\PC{0,30}", name in "\\PC{0,10}", value in "\\PC{0,30}") {
+            let n = request_head_bytes(&method, &path, &[(name.clone(), value.clone())]);
+            prop_assert!(n >= method.len() + path.len());
+            let _ = worker_owned(&name);
+        }
+    }
 }

@@ -2,12 +2,14 @@
 //!
 //! Modules:
 //! - [`config`]: the OpenFaaS environment variables, validated into a typed [`Config`].
+//! - [`duration`]: Go's `time.ParseDuration`, for settings and annotations alike.
 //! - [`cli`]: command-line arguments (`run`, `publish`, `status`, `--help`).
 //! - [`request`]: the gateway's `QueueRequest` JSON, decoded and encoded.
 //! - [`broker`]: every use of NATS: connect, stream and consumer, pull, ack, publish.
 //! - [`invoke`]: HTTP calls to functions and callbacks; the [`invoke::Outcome`] of an attempt.
 //! - [`retry`]: back-off, jitter, `Retry-After` and per-function retry annotations.
 //! - [`timer`]: the thread that keeps leases alive and hands due retries back.
+//! - [`url`]: Go's URL escaping, the path and query checks, redaction for logs.
 //! - [`worker`]: one worker thread's loop from message to ack.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`endpoint`]: `/metrics`, `/healthz` and `/readyz` over HTTP.
@@ -18,6 +20,7 @@ pub mod broker;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod duration;
 pub mod endpoint;
 pub mod invoke;
 pub mod logging;
@@ -25,6 +28,7 @@ pub mod metrics;
 pub mod request;
 pub mod retry;
 pub mod timer;
+pub mod url;
 pub mod worker;
 
 use std::fmt;
@@ -203,13 +207,19 @@ fn serve(
         Err(e) => return Err(e.into()),
     };
     health.set_connected(true);
-    log::info!("connected to NATS at {}", config.nats_urls.join(","));
+    log::info!(
+        "connected to NATS at {}",
+        url::redact_list(&config.nats_urls)
+    );
 
     let mut spec = QueueSpec::from(config);
     let bound = broker.ensure(&spec)?;
     spec.stream = bound.stream.clone();
     for warning in &bound.warnings {
         log::warn!("{warning}");
+    }
+    if let Some(subject) = &config.dead_letter_subject {
+        ensure_dead_letters(&broker, subject, &spec)?;
     }
     health.set_bound(true);
     if let Ok(s) = broker.queue_state(&spec.stream, &spec.durable) {
@@ -222,7 +232,7 @@ fn serve(
         .collect::<Result<Vec<_>, _>>()?;
     let (timer, timer_handle) = Timer::spawn(bound.ack_wait).map_err(Error::Spawn)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let resolver = invoke::CachingResolver::default();
+    let resolver = invoke::CachingResolver::for_gateway(&config.gateway_url);
     let shared = Arc::new(worker::Shared {
         timer: timer.clone(),
         metrics: metrics.clone(),
@@ -281,7 +291,7 @@ fn serve(
         spec.stream,
         config.durable,
         config.subject,
-        config.gateway_url
+        url::redact(&config.gateway_url, true)
     );
 
     let result = crossbeam_channel::select! {
@@ -311,6 +321,26 @@ fn serve(
         Err(broker) => broker.flush(),
     }
     result
+}
+
+/// Makes sure a stream stores dead letters before any message can be given up, and says
+/// which one does.
+fn ensure_dead_letters(broker: &Broker, subject: &str, spec: &QueueSpec) -> Result<(), Error> {
+    let stream = broker.ensure_dead_letters(subject, spec)?;
+    if stream.created {
+        log::info!(
+            "created stream {} for dead letters on {subject} (file storage, {} replica(s), kept {} days)",
+            stream.name,
+            spec.replicas,
+            broker::DEAD_LETTER_MAX_AGE.as_secs() / 86_400
+        );
+    } else {
+        log::info!(
+            "dead letters on {subject} are stored by the existing stream {}",
+            stream.name
+        );
+    }
+    Ok(())
 }
 
 /// Stops pulling, waits for running invocations, hands back what is left, joins every thread.

@@ -41,7 +41,32 @@ pub fn init(config: &LogConfig) {
             builder.format(format_console);
         }
     }
-    let _ = builder.try_init();
+    if builder.try_init().is_ok() {
+        log_panics();
+    }
+}
+
+/// Panics go to the log (one JSON object with `log_encoding=json`) instead of raw stderr
+/// lines. A panic while handling a message is then also logged with its stream sequence by
+/// the worker, which terminates that message and goes on.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("unknown panic");
+        let thread = std::thread::current();
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        log::error!(
+            "thread {} panicked at {at}: {what}",
+            thread.name().unwrap_or("unnamed")
+        );
+    }));
 }
 
 /// One JSON object a line, written straight into the buffer (no intermediate map): the worker
@@ -104,16 +129,35 @@ impl<'kvs> VisitSource<'kvs> for JsonFields<'_> {
 
 fn format_console(buf: &mut Formatter, record: &log::Record<'_>) -> std::io::Result<()> {
     let style = buf.default_level_style(record.level());
+    // Messages and fields may carry queued text: one record is one line, whatever it holds.
+    let message = record.args().to_string();
     write!(
         buf,
         "{} {style}{:<5}{style:#} {}",
         buf.timestamp_millis(),
         record.level(),
-        record.args()
+        one_line(&message)
     )?;
     let mut fields = ConsoleFields(String::new());
     let _ = record.key_values().visit(&mut fields);
-    writeln!(buf, "{}", fields.0)
+    writeln!(buf, "{}", one_line(&fields.0))
+}
+
+/// `s` with control characters written as escapes (`\n`, `\u{1b}`), so that no text can start
+/// a log line of its own or restyle the terminal.
+fn one_line(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.contains(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 struct ConsoleFields(String);
@@ -122,5 +166,17 @@ impl<'kvs> VisitSource<'kvs> for ConsoleFields {
     fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), log::kv::Error> {
         self.0.push_str(&format!(" {key}={value}"));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn console_lines_stay_one_line() {
+        assert_eq!(super::one_line("plain ü"), "plain ü");
+        assert_eq!(
+            super::one_line("a\r\nINFO forged\u{1b}[31m"),
+            "a\\r\\nINFO forged\\u{1b}[31m"
+        );
     }
 }

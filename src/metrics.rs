@@ -9,6 +9,11 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+/// The `reason` labels of `queue_worker_malformed_messages_total`.
+pub const MALFORMED_REASONS: &[&str] = &[
+    "json", "function", "body", "method", "path", "query", "panic",
+];
+
 /// Distinct `function_name` values before further names are counted as `other`.
 pub const MAX_FUNCTION_LABELS: usize = 100;
 pub const OTHER_FUNCTION: &str = "other";
@@ -32,7 +37,8 @@ pub struct Metrics {
     retries: IntCounterVec,
     given_up: IntCounterVec,
     callbacks: IntCounterVec,
-    pub malformed: IntCounter,
+    malformed: IntCounterVec,
+    dead_letters: IntCounterVec,
     pub redelivered: IntCounter,
     pub ready: IntGauge,
     functions: RwLock<HashSet<String>>,
@@ -127,9 +133,19 @@ impl Metrics {
             ),
             &["result"]
         )?);
-        let malformed = register!(IntCounter::new(
-            "queue_worker_malformed_messages_total",
-            "Messages that were not a valid request and were terminated"
+        let malformed = register!(IntCounterVec::new(
+            Opts::new(
+                "queue_worker_malformed_messages_total",
+                "Messages terminated without an invocation, by reason (json, function, body, method, path, query, panic)"
+            ),
+            &["reason"]
+        )?);
+        let dead_letters = register!(IntCounterVec::new(
+            Opts::new(
+                "queue_worker_dead_letters_total",
+                "Dead letters by result (stored; failed: the message was handed back to try again)"
+            ),
+            &["result"]
         )?);
         let redelivered = register!(IntCounter::new(
             "queue_worker_redelivered_total",
@@ -145,6 +161,12 @@ impl Metrics {
         ))?;
         for result in ["ok", "error"] {
             callbacks.with_label_values(&[result]);
+        }
+        for reason in MALFORMED_REASONS {
+            malformed.with_label_values(&[reason]);
+        }
+        for result in ["stored", "failed"] {
+            dead_letters.with_label_values(&[result]);
         }
         let q = [queue_name];
         Ok(Metrics {
@@ -162,6 +184,7 @@ impl Metrics {
             given_up,
             callbacks,
             malformed,
+            dead_letters,
             redelivered,
             ready,
             functions: RwLock::new(HashSet::new()),
@@ -205,6 +228,16 @@ impl Metrics {
 
     pub fn gave_up(&self, function: &str) {
         self.given_up.with_label_values(&[function]).inc();
+    }
+
+    /// A message terminated without an invocation; `reason` is one of [`MALFORMED_REASONS`].
+    pub fn malformed(&self, reason: &str) {
+        self.malformed.with_label_values(&[reason]).inc();
+    }
+
+    pub fn dead_letter(&self, stored: bool) {
+        let result = if stored { "stored" } else { "failed" };
+        self.dead_letters.with_label_values(&[result]).inc();
     }
 
     pub fn callback(&self, ok: bool) {

@@ -10,6 +10,8 @@ use std::fmt;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
+use crate::url::{self as gourl, Mode, UrlError};
+
 const BASE64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 /// An invocation taken off the queue, ready to be sent.
@@ -36,7 +38,26 @@ pub enum DecodeError {
     BadFunction(String),
     BadBody(String),
     BadMethod(String),
+    BadPath(UrlError),
+    BadQuery(UrlError),
 }
+
+impl DecodeError {
+    /// The `reason` label of `queue_worker_malformed_messages_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Json(_) => "json",
+            DecodeError::NoFunction | DecodeError::BadFunction(_) => "function",
+            DecodeError::BadBody(_) => "body",
+            DecodeError::BadMethod(_) => "method",
+            DecodeError::BadPath(_) => "path",
+            DecodeError::BadQuery(_) => "query",
+        }
+    }
+}
+
+/// Methods a queued request may use; anything else (CONNECT, TRACE, inventions) is refused.
+pub const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 
 impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -45,12 +66,22 @@ impl fmt::Display for DecodeError {
             DecodeError::NoFunction => write!(f, "no Function in the request"),
             DecodeError::BadFunction(name) => write!(f, "invalid Function name {name:?}"),
             DecodeError::BadBody(e) => write!(f, "Body is not standard base64: {e}"),
-            DecodeError::BadMethod(m) => write!(f, "invalid Method {m:?}"),
+            DecodeError::BadMethod(m) => {
+                write!(f, "Method {m:?} is not one of {}", METHODS.join(", "))
+            }
+            DecodeError::BadPath(e) | DecodeError::BadQuery(e) => write!(f, "{e}"),
         }
     }
 }
 
-impl std::error::Error for DecodeError {}
+impl std::error::Error for DecodeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DecodeError::BadPath(e) | DecodeError::BadQuery(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 #[derive(Deserialize, Serialize, Default)]
 #[serde(rename_all = "PascalCase")]
@@ -96,7 +127,8 @@ pub struct GoUrl {
 }
 
 impl GoUrl {
-    /// Rebuilds the URL as Go's `URL.String()` does for the forms the gateway produces.
+    /// Rebuilds the URL as Go's `URL.String()` does for the forms the gateway produces
+    /// (Go drops the password of a user, so none is written).
     pub fn to_url(&self) -> String {
         let mut out = String::new();
         if !self.scheme.is_empty() {
@@ -110,75 +142,77 @@ impl GoUrl {
                 out.push_str("//");
                 out.push_str(&self.host);
             }
-            if !self.raw_path.is_empty() {
-                out.push_str(&self.raw_path);
-            } else {
-                escape_into(&mut out, &self.path, |c| PATH_SAFE.contains(&c));
-            }
+            gourl::escaped_path_into(&mut out, &self.path, &self.raw_path);
         }
         if self.force_query || !self.raw_query.is_empty() {
             out.push('?');
             out.push_str(&self.raw_query);
         }
-        if !self.raw_fragment.is_empty() {
+        if !self.fragment.is_empty() {
             out.push('#');
-            out.push_str(&self.raw_fragment);
-        } else if !self.fragment.is_empty() {
-            out.push('#');
-            escape_into(&mut out, &self.fragment, |c| {
-                PATH_SAFE.contains(&c) || c == b'?'
-            });
+            let valid_raw = !self.raw_fragment.is_empty()
+                && gourl::unescape(&self.raw_fragment).as_deref() == Some(self.fragment.as_str())
+                && !self
+                    .raw_fragment
+                    .contains(|c: char| c.is_ascii_control() || c == ' ');
+            if valid_raw {
+                out.push_str(&self.raw_fragment);
+            } else {
+                gourl::escape_into(&mut out, &self.fragment, Mode::Fragment);
+            }
         }
         out
     }
 
-    /// Parses a plain `scheme://host/path?query#fragment` URL into Go's fields.
+    /// Parses a `scheme://[user@]host/path?query#fragment` URL into Go's fields as
+    /// `url.Parse` does: `Path` and `Fragment` decoded, `RawPath` and `RawFragment` set only
+    /// when re-escaping would not give the original back. The tests' `go_url` uses it too.
     pub fn parse(url: &str) -> Option<GoUrl> {
+        if url.contains(|c: char| c.is_ascii_control() || c == ' ') {
+            return None;
+        }
         let (scheme, rest) = url.split_once("://")?;
-        if scheme.is_empty()
+        if !scheme.starts_with(|c: char| c.is_ascii_alphabetic())
             || !scheme
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '+')
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
         {
             return None;
         }
         let (rest, fragment) = match rest.split_once('#') {
-            Some((r, f)) => (r, f.to_string()),
-            None => (rest, String::new()),
-        };
-        let (rest, raw_query) = match rest.split_once('?') {
-            Some((r, q)) => (r, q.to_string()),
-            None => (rest, String::new()),
-        };
-        let (host, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
+            Some((r, f)) => (r, f),
             None => (rest, ""),
         };
-        if host.is_empty() || host.contains(' ') {
+        let (rest, raw_query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        // Go keeps the user, but encoding/json sees only unexported fields: `{}`.
+        let (user, host) = match authority.rsplit_once('@') {
+            Some((_, h)) => (Some(serde_json::json!({})), h),
+            None => (None, authority),
+        };
+        if host.is_empty() {
             return None;
         }
+        let (path, raw_path) = gourl::decode_pair(path, Mode::Path)?;
+        let (fragment, raw_fragment) = gourl::decode_pair(fragment, Mode::Fragment)?;
         Some(GoUrl {
             scheme: scheme.to_ascii_lowercase(),
+            user,
             host: host.to_string(),
-            path: path.to_string(),
-            raw_query,
+            path,
+            raw_path,
+            force_query: raw_query == Some(""),
+            raw_query: raw_query.unwrap_or_default().to_string(),
             fragment,
+            raw_fragment,
             ..GoUrl::default()
         })
-    }
-}
-
-/// Bytes Go leaves unescaped in a path: unreserved characters and sub-delimiters.
-const PATH_SAFE: &[u8] =
-    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/";
-
-fn escape_into(out: &mut String, s: &str, safe: impl Fn(u8) -> bool) {
-    for &b in s.as_bytes() {
-        if safe(b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
     }
 }
 
@@ -212,16 +246,19 @@ impl Request {
         };
         let method = match wire.method.unwrap_or_default() {
             m if m.is_empty() => "POST".to_string(),
-            m if m.bytes().all(|b| b.is_ascii_alphabetic()) && m.len() <= 16 => {
-                m.to_ascii_uppercase()
-            }
-            m => return Err(DecodeError::BadMethod(m)),
+            m => match METHODS.iter().find(|known| known.eq_ignore_ascii_case(&m)) {
+                Some(known) => known.to_string(),
+                None => return Err(DecodeError::BadMethod(m)),
+            },
         };
         let path = match wire.path.unwrap_or_default() {
             p if p.is_empty() => "/".to_string(),
             p if p.starts_with('/') => p,
             p => format!("/{p}"),
         };
+        gourl::check_path(&path).map_err(DecodeError::BadPath)?;
+        let query = wire.query_string.unwrap_or_default();
+        gourl::check_query(&query).map_err(DecodeError::BadQuery)?;
         let headers = wire
             .header
             .unwrap_or_default()
@@ -237,7 +274,7 @@ impl Request {
             function,
             method,
             path,
-            query: wire.query_string.unwrap_or_default(),
+            query,
             headers,
             body,
             callback_url: wire
@@ -273,9 +310,13 @@ impl Request {
         serde_json::to_vec(&wire).expect("a request always serializes")
     }
 
-    /// `/function/{name}{path}` plus `?query` when there is one.
+    /// `/function/{name}{path}` plus `?query` when there is one, the path escaped as Go's
+    /// `url.URL.EscapedPath` does (the gateway queues it decoded).
     pub fn invoke_path(&self) -> String {
-        let mut p = format!("/function/{}{}", self.function, self.path);
+        let mut p = String::with_capacity(10 + self.function.len() + self.path.len());
+        p.push_str("/function/");
+        p.push_str(&self.function);
+        gourl::escape_into(&mut p, &self.path, Mode::Path);
         if !self.query.is_empty() {
             p.push('?');
             p.push_str(&self.query);
@@ -445,6 +486,111 @@ mod tests {
         assert_eq!(v["CallbackUrl"]["RawQuery"], "x=1");
         assert!(v.get("Host").is_none() && v.get("Annotations").is_none());
         assert_eq!(Request::decode(&bytes).unwrap(), req);
+    }
+
+    #[test]
+    fn hostile_paths_queries_and_methods_are_refused() {
+        let decode = |v: serde_json::Value| Request::decode(v.to_string().as_bytes());
+        for path in [
+            "/../../admin",
+            "/%2e%2e/%2e%2e/admin",
+            "\\..\\admin",
+            "/a\r\nX: y",
+            "/\0",
+        ] {
+            let err = decode(serde_json::json!({"Function": "f", "Path": path})).unwrap_err();
+            assert_eq!(err.reason(), "path", "{path:?}: {err}");
+        }
+        for query in ["a=1#frag", "a=1\r\nX: y"] {
+            let err =
+                decode(serde_json::json!({"Function": "f", "QueryString": query})).unwrap_err();
+            assert_eq!(err.reason(), "query", "{query:?}");
+        }
+        for method in ["CONNECT", "TRACE", "PROPFIND", "GE T"] {
+            let err = decode(serde_json::json!({"Function": "f", "Method": method})).unwrap_err();
+            assert_eq!(err.reason(), "method", "{method}");
+            assert!(err.to_string().contains("GET, HEAD, POST"), "{err}");
+        }
+        let ok = decode(serde_json::json!({"Function": "f", "Method": "patch"})).unwrap();
+        assert_eq!(ok.method, "PATCH");
+    }
+
+    #[test]
+    fn paths_are_escaped_like_go() {
+        let req = Request::decode(
+            r#"{"Function":"echo","Path":"/a b/\u00fc#x?y","QueryString":"q=1"}"#.as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(req.invoke_path(), "/function/echo/a%20b/%C3%BC%23x%3Fy?q=1");
+        let inside = Request::decode(br#"{"Function":"echo","Path":"/a/../b"}"#).unwrap();
+        assert_eq!(inside.invoke_path(), "/function/echo/a/../b");
+    }
+
+    #[test]
+    fn callback_urls_round_trip_escaped_paths() {
+        for url in [
+            "http://h/cb/a%20b",
+            "http://h:8080/cb/%C3%BC?x=1&y=%20#frag",
+            "http://h/a!b",
+            "http://h/a%2Fb",
+            "https://h/",
+            "http://h",
+        ] {
+            let parsed = GoUrl::parse(url).unwrap_or_else(|| panic!("{url}"));
+            assert_eq!(parsed.to_url(), url);
+        }
+        // `publish --callback` queues the decoded path; the rebuild escapes it once.
+        let u = GoUrl::parse("http://h/cb/a%20b").unwrap();
+        assert_eq!((u.path.as_str(), u.raw_path.as_str()), ("/cb/a b", ""));
+        let u = GoUrl::parse("http://user:pw@h/x").unwrap();
+        assert_eq!(u.host, "h");
+        assert_eq!(u.to_url(), "http://h/x");
+        assert_eq!(GoUrl::parse("http://h/a%zz"), None);
+        assert_eq!(GoUrl::parse("http://h/a b"), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics_on_bytes(data in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = Request::decode(&data);
+        }
+
+        #[test]
+        fn decode_never_panics_on_near_valid_json(
+            function in "[a-z.-]{0,8}",
+            path in "\\PC{0,20}|[./%2e\\\\]{0,20}",
+            query in "\\PC{0,20}",
+            method in "[A-Za-z ]{0,8}",
+            body in "[A-Za-z0-9+/=]{0,12}",
+            header in "\\PC{0,20}",
+        ) {
+            let json = serde_json::json!({
+                "Function": function, "Path": path, "QueryString": query, "Method": method,
+                "Body": body, "Header": {"X-A": [header]},
+                "Annotations": {"com.openfaas.retry.min_wait": path},
+            });
+            if let Ok(req) = Request::decode(json.to_string().as_bytes()) {
+                let p = req.invoke_path();
+                let prefix = format!("/function/{}/", req.function);
+                proptest::prop_assert!(p.starts_with(&prefix), "{}", p);
+                proptest::prop_assert!(!p.contains(['\r', '\n', '\0', '#', ' ']), "{}", p);
+            }
+        }
+
+        #[test]
+        fn rebuilt_urls_parse_back(
+            host in "[a-z0-9]{1,8}(:[0-9]{1,5})?",
+            path in "(/\\PC{0,8}){0,3}",
+            query in "([a-z0-9=&]{0,8})",
+            fragment in "\\PC{0,6}",
+        ) {
+            let u = GoUrl { scheme: "http".into(), host, path, raw_query: query, fragment, ..GoUrl::default() };
+            let url = u.to_url();
+            let back = GoUrl::parse(&url).unwrap();
+            proptest::prop_assert_eq!(&back.path, &u.path);
+            proptest::prop_assert_eq!(&back.fragment, &u.fragment);
+            proptest::prop_assert_eq!(back.to_url(), url);
+        }
     }
 
     #[test]

@@ -231,6 +231,38 @@ mod tests {
         assert_eq!(parse_retry_after("soon", now), None);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn retry_after_never_panics(v in "\\PC{0,40}|[0-9]{0,30}") {
+            let _ = parse_retry_after(&v, SystemTime::now());
+        }
+
+        #[test]
+        fn annotations_never_panic(min in "\\PC{0,20}", max in "\\PC{0,20}", n in "\\PC{0,8}", codes in "\\PC{0,12}") {
+            let ann: BTreeMap<String, String> = [
+                (ANNOTATION_MIN_WAIT, min), (ANNOTATION_MAX_WAIT, max),
+                (ANNOTATION_ATTEMPTS, n), (ANNOTATION_CODES, codes),
+            ].into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            let (p, _) = RetryPolicy::for_request(&crate::Config::defaults().retry, &ann);
+            proptest::prop_assert!(p.0.initial_wait <= p.0.max_wait);
+        }
+    }
+
+    #[test]
+    fn hostile_duration_annotations_fall_back() {
+        for bad in [
+            "1é",
+            "1.11111111111111111111s",
+            "99999999999999999999h",
+            "1µs",
+        ] {
+            let ann: BTreeMap<String, String> =
+                [(ANNOTATION_MIN_WAIT.to_string(), bad.to_string())].into();
+            let (p, _) = RetryPolicy::for_request(&crate::Config::defaults().retry, &ann);
+            assert!(p.0.initial_wait <= p.0.max_wait, "{bad}");
+        }
+    }
+
     #[test]
     fn classifies_statuses() {
         let p = policy(Backoff::Exponential, 1, 2);

@@ -1,11 +1,12 @@
 //! One worker thread: pull a message, decode it, invoke the function, and turn the outcome into
 //! an ack, a retry, or giving up (callback and dead letter either way).
 
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::broker::{Broker, BrokerError, Delivery, OutMessage, Puller};
+use crate::broker::{self, Broker, BrokerError, Delivery, OutMessage, Puller};
 use crate::config::Config;
 use crate::invoke::{CallbackInfo, CallbackResult, Invoker, Outcome, Reply};
 use crate::metrics::Metrics;
@@ -27,7 +28,7 @@ pub fn run(shared: &Shared, mut puller: Puller, invoker: Invoker) -> Result<(), 
     let s = Thread { shared, invoker };
     loop {
         match puller.next(&shared.stop) {
-            Ok(Some(delivery)) => handle(&s, &mut puller, delivery),
+            Ok(Some(delivery)) => guarded(&s, &mut puller, delivery),
             Ok(None) => return Ok(()),
             Err(_) if shared.stop.load(Ordering::SeqCst) => return Ok(()),
             Err(e) => return Err(e),
@@ -49,28 +50,78 @@ impl std::ops::Deref for Thread<'_> {
     }
 }
 
-/// Handles one delivered message to the end: it is acked, terminated, or held for a retry.
-fn handle(s: &Thread<'_>, puller: &mut Puller, delivery: Delivery) {
+/// Leases a delivered message before anything in it is read, then handles it under
+/// `catch_unwind`: a panic terminates that message (logged with its sequence, counted as
+/// malformed with reason `panic`) and the thread goes on with the next.
+fn guarded(s: &Thread<'_>, puller: &mut Puller, delivery: Delivery) {
     let Delivery {
         data,
         ack,
         stream_seq,
         delivered,
     } = delivery;
+    let lease = s.timer.hold(ack);
+    let handled = panic::catch_unwind(AssertUnwindSafe(|| {
+        handle(s, puller, data, lease, stream_seq, delivered)
+    }));
+    if let Err(payload) = handled {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|m| m.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        log::error!(stream_seq = stream_seq; "terminating message: handling it panicked: {what}");
+        s.metrics.malformed("panic");
+        terminate(s, lease, stream_seq);
+    }
+}
+
+/// Never deliver the message again.
+fn terminate(s: &Thread<'_>, lease: LeaseId, stream_seq: u64) {
+    if let Some(ack) = s.timer.release(lease) {
+        if let Err(e) = ack.term() {
+            log::warn!(stream_seq = stream_seq; "could not terminate the message: {e}");
+        }
+    }
+}
+
+/// Keeps the in-flight gauge right even when an invocation unwinds.
+struct InflightGuard(prometheus::IntGauge);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Debug builds only: a function name whose messages panic, so that tests can show a panic
+/// terminates one message and the worker goes on. Release builds have no such name.
+pub const TEST_PANIC_FUNCTION: &str = "queue-worker-test-panic";
+
+/// Handles one leased message to the end: it is acked, terminated, or held for a retry.
+fn handle(
+    s: &Thread<'_>,
+    puller: &mut Puller,
+    data: Vec<u8>,
+    lease: LeaseId,
+    stream_seq: u64,
+    delivered: u32,
+) {
     if delivered > 1 {
         s.metrics.redelivered.inc();
     }
     let req = match Request::decode(&data) {
         Ok(req) => req,
         Err(e) => {
-            log::error!(stream_seq = stream_seq; "terminating malformed message: {e}");
-            s.metrics.malformed.inc();
-            if let Err(e) = ack.term() {
-                log::warn!(stream_seq = stream_seq; "could not terminate the message: {e}");
-            }
+            log::error!(stream_seq = stream_seq, reason = e.reason(); "terminating malformed message: {e}");
+            s.metrics.malformed(e.reason());
+            terminate(s, lease, stream_seq);
             return;
         }
     };
+    if cfg!(debug_assertions) && req.function == TEST_PANIC_FUNCTION {
+        panic!("{TEST_PANIC_FUNCTION} asked for a panic");
+    }
     // The original bytes are kept only when a dead letter may need them.
     let original = s.config.dead_letter_subject.as_ref().map(|_| data);
     let (policy, bad) = RetryPolicy::for_request(&s.config.retry, &req.annotations);
@@ -83,22 +134,23 @@ fn handle(s: &Thread<'_>, puller: &mut Puller, delivery: Delivery) {
         attempt: delivered,
         max_attempts: policy.max_attempts(),
         stream_seq,
-        lease: s.timer.hold(ack),
+        lease,
     };
     if job.attempt > job.max_attempts {
-        // Every attempt was spent before a restart cut the last one short.
-        let reply = Reply::failed("no attempts left after a restart".into(), Duration::ZERO);
-        give_up(s, puller, &job, &reply, original);
+        // Every attempt was spent before: a restart cut the last one short, or storing its
+        // dead letter failed and it was handed back to try that again.
+        let reply = Reply::failed("no attempts left".into(), Duration::ZERO);
+        give_up(s, puller, &job, &reply, original, &policy);
         return;
     }
     if s.config.log.print_request_body {
         log::info!(call_id = job.call_id(), function = req.function.as_str(); "request body: {}", String::from_utf8_lossy(&req.body));
     }
 
-    let inflight = s.metrics.inflight(job.label);
-    inflight.inc();
+    let inflight = InflightGuard(s.metrics.inflight(job.label));
+    inflight.0.inc();
     let outcome = s.invoker.invoke(&req, &policy);
-    inflight.dec();
+    drop(inflight);
 
     match &outcome {
         Outcome::Done(reply) | Outcome::Permanent(reply) => {
@@ -121,7 +173,7 @@ fn handle(s: &Thread<'_>, puller: &mut Puller, delivery: Delivery) {
         }
         Outcome::Retry { reply, .. } => {
             record_attempt(s, &job, reply);
-            give_up(s, puller, &job, reply, original);
+            give_up(s, puller, &job, reply, original, &policy);
         }
     }
 }
@@ -180,18 +232,26 @@ fn callback(s: &Thread<'_>, job: &Job<'_>, reply: &Reply) {
         CallbackResult::Delivered(_) => s.metrics.callback(true),
         CallbackResult::Failed(why) => {
             s.metrics.callback(false);
-            log::warn!(call_id = job.call_id(), function = job.req.function.as_str(); "callback to {url} failed: {why}");
+            // The query and any user information may hold tokens.
+            let shown = crate::url::redact(url, false);
+            log::warn!(call_id = job.call_id(), function = job.req.function.as_str(); "callback to {shown} failed: {why}");
         }
     }
 }
 
-/// The last attempt failed: tell the callback, publish a dead letter, and ack.
+/// How long a worker thread waits for the server to confirm a stored dead letter.
+pub const DEAD_LETTER_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The last attempt failed: tell the callback, store a dead letter, and ack only once it is
+/// stored. When storing fails the message is handed back after a back-off (never acked, never
+/// dropped) and comes again with its attempts spent, for another try at the dead letter.
 fn give_up(
     s: &Thread<'_>,
     puller: &mut Puller,
     job: &Job<'_>,
     reply: &Reply,
     original: Option<Vec<u8>>,
+    policy: &RetryPolicy,
 ) {
     s.metrics.gave_up(job.label);
     let error = reply
@@ -205,39 +265,59 @@ fn give_up(
     );
     callback(s, job, reply);
     if let (Some(subject), Some(data)) = (&s.config.dead_letter_subject, original) {
-        let id = match job.req.call_id() {
-            Some(id) => format!("dead-{id}"),
-            None => format!("dead-{}-{}", s.config.subject, job.stream_seq),
-        };
-        let message = OutMessage {
-            id,
-            headers: vec![
-                ("X-Function-Name".into(), job.req.function.clone()),
-                ("X-Function-Status".into(), reply.status.to_string()),
-                (
-                    "X-Attempts".into(),
-                    job.attempt.min(job.max_attempts).to_string(),
-                ),
-                ("X-Error".into(), error.replace(['\r', '\n'], " ")),
-                ("X-Call-Id".into(), job.call_id().to_string()),
-                ("X-Stream-Sequence".into(), job.stream_seq.to_string()),
-            ],
-            data,
-        };
-        match s.broker.publish_all(
-            subject,
-            &[message],
-            s.config.callback_timeout.min(Duration::from_secs(5)),
-        ) {
-            Ok(_) => {
-                log::info!(call_id = job.call_id(), stream_seq = job.stream_seq; "published a dead letter to {subject}")
+        let message = dead_letter(&s.config.subject, job, reply, &error, data);
+        match s
+            .broker
+            .publish_acked(subject, &message, DEAD_LETTER_ACK_TIMEOUT)
+        {
+            Ok(seq) => {
+                s.metrics.dead_letter(true);
+                log::info!(call_id = job.call_id(), stream_seq = job.stream_seq; "stored a dead letter on {subject} (sequence {seq})");
             }
             Err(e) => {
-                log::error!(call_id = job.call_id(), stream_seq = job.stream_seq; "dead letter to {subject} not stored: {e}")
+                s.metrics.dead_letter(false);
+                let tries = job.attempt.saturating_sub(job.max_attempts).max(1);
+                let delay = policy.backoff(tries);
+                log::error!(
+                    call_id = job.call_id(), stream_seq = job.stream_seq;
+                    "dead letter to {subject} not stored: {e}; the message is handed back and tried again in {delay:?}"
+                );
+                s.timer.retry_after(job.lease, delay);
+                return;
             }
         }
     }
     finish(s, puller, job);
+}
+
+/// The dead letter of a given-up message: the original bytes with what happened in headers.
+/// Only values NATS headers can carry are written; the id de-duplicates a second store.
+fn dead_letter(
+    stream: &str,
+    job: &Job<'_>,
+    reply: &Reply,
+    error: &str,
+    data: Vec<u8>,
+) -> OutMessage {
+    let call_id = job.req.call_id().filter(|id| broker::valid_msg_id(id));
+    let id = match call_id {
+        Some(id) => format!("dead-{id}"),
+        None => format!("dead-{stream}-{}", job.stream_seq),
+    };
+    let mut headers = vec![
+        ("X-Function-Name".to_string(), job.req.function.clone()),
+        ("X-Function-Status".to_string(), reply.status.to_string()),
+        (
+            "X-Attempts".to_string(),
+            job.attempt.min(job.max_attempts).to_string(),
+        ),
+        ("X-Error".to_string(), broker::header_value_lossy(error)),
+        ("X-Stream-Sequence".to_string(), job.stream_seq.to_string()),
+    ];
+    if let Some(id) = call_id {
+        headers.push(("X-Call-Id".to_string(), id.to_string()));
+    }
+    OutMessage { id, headers, data }
 }
 
 /// Acks a finished message, unless the timer already handed it back at shutdown, and asks

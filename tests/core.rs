@@ -231,9 +231,13 @@ fn bad_messages_are_terminated_logged_and_counted() {
     }
     publish_json(&nc, QUEUE, &gateway_request("good", b""));
     function.wait_for_count(1, SECS(10));
-    worker.wait_metric("queue_worker_malformed_messages_total", SECS(10), |v| {
-        v == 4.0
-    });
+    for (reason, n) in [("json", 2.0), ("function", 1.0), ("body", 1.0)] {
+        worker.wait_metric(
+            &format!("queue_worker_malformed_messages_total{{reason=\"{reason}\"}}"),
+            SECS(10),
+            |v| v == n,
+        );
+    }
     wait_until(SECS(10), "bad messages gone from the stream", || {
         stream_messages(&nc, STREAM) == 0
     });
@@ -423,6 +427,9 @@ fn bad_configuration_exits_2_naming_the_variable() {
         ("max_inflight", "0"),
         ("ack_wait", "soon"),
         ("retry_http_codes", "5xx"),
+        // A multi-byte unit panicked the old duration parser instead of exiting 2.
+        ("upstream_timeout", "1é"),
+        ("initial_retry_wait", "1.5µ"),
     ] {
         let out = run_cli(&[], &[(var, value)]);
         assert_eq!(out.status.code(), Some(2), "{var}={value}");

@@ -109,7 +109,14 @@ fn metrics_count_a_known_run() {
     );
     assert_eq!(m("queue_worker_callbacks_total{result=\"ok\"}"), 1.0);
     assert_eq!(m("queue_worker_callbacks_total{result=\"error\"}"), 1.0);
-    assert_eq!(m("queue_worker_malformed_messages_total"), 1.0);
+    assert_eq!(
+        m("queue_worker_malformed_messages_total{reason=\"json\"}"),
+        1.0
+    );
+    assert_eq!(
+        m("queue_worker_malformed_messages_total{reason=\"panic\"}"),
+        0.0
+    );
     assert_eq!(
         m("queue_worker_redelivered_total"),
         1.0,

@@ -175,6 +175,8 @@ struct Shared {
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
     answered: AtomicUsize,
+    /// Requests that arrived cut short or malformed (answered 400, never handled).
+    partial: AtomicUsize,
     /// Open connections: a handle on each socket (to shut it down) and its thread.
     conns: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
     /// Connection threads that panicked (handler panics), found when pruning or dropping.
@@ -192,6 +194,11 @@ pub struct FunctionServer {
 }
 
 impl FunctionServer {
+    /// Requests that arrived cut short or malformed: the handler never saw them.
+    pub fn partial(&self) -> usize {
+        self.shared.partial.load(Ordering::SeqCst)
+    }
+
     /// Starts a server on an ephemeral port answering every request with `handler`.
     pub fn start(handler: Handler) -> FunctionServer {
         FunctionServer::start_on(0, handler)
@@ -212,6 +219,7 @@ impl FunctionServer {
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
             answered: AtomicUsize::new(0),
+            partial: AtomicUsize::new(0),
             conns: Mutex::new(Vec::new()),
             panicked: AtomicUsize::new(0),
         });
@@ -446,6 +454,7 @@ fn serve_requests(mut reader: BufReader<TcpStream>, writer: &mut TcpStream, shar
             Ok(Some(h)) => h,
             Ok(None) => return,
             Err(e) => {
+                shared.partial.fetch_add(1, Ordering::SeqCst);
                 let _ = write_response(writer, &Reply::status(400).with_body(e), true, false);
                 return;
             }
@@ -456,6 +465,7 @@ fn serve_requests(mut reader: BufReader<TcpStream>, writer: &mut TcpStream, shar
         let body = match read_body(&mut reader, &head) {
             Ok(b) => b,
             Err(e) => {
+                shared.partial.fetch_add(1, Ordering::SeqCst);
                 let _ = write_response(writer, &Reply::status(400).with_body(e), true, false);
                 return;
             }
