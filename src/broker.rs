@@ -447,6 +447,11 @@ impl Broker {
         })
     }
 
+    /// Pull requests the server refused so far (409 and other statuses that end a request).
+    pub fn refused_pulls(&self) -> u64 {
+        self.refusals.total.load(Ordering::Relaxed)
+    }
+
     /// Wakes every idle puller at once, so that it sees shutdown or re-pulls after a reconnect.
     /// Local: never waits, whatever the connection does.
     pub fn wake_pullers(&self) {
@@ -587,11 +592,16 @@ fn within_deadline<T: Send + 'static>(
 /// Which refusals (409 and others) pullers are under now, by status and description: a
 /// condition is logged when the first puller meets it and when the last one is out of it.
 #[derive(Default)]
-struct Refusals(Mutex<HashMap<String, usize>>);
+struct Refusals {
+    /// Pullers under each refusal now.
+    now: Mutex<HashMap<String, usize>>,
+    /// Every refused pull request so far.
+    total: AtomicU64,
+}
 
 impl Refusals {
     fn enter(&self, what: &str) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.now.lock().unwrap_or_else(|p| p.into_inner());
         let count = map.entry(what.to_string()).or_insert(0);
         *count += 1;
         if *count == 1 {
@@ -602,7 +612,7 @@ impl Refusals {
     }
 
     fn leave(&self, what: &str) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.now.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(count) = map.get_mut(what) {
             *count -= 1;
             if *count == 0 {
@@ -999,6 +1009,7 @@ impl Puller {
                     .cloned()
                     .unwrap_or_default();
                 let what = format!("{status} {description}");
+                self.refusals.total.fetch_add(1, Ordering::Relaxed);
                 if self.refused.as_deref() != Some(what.as_str()) {
                     self.accepted();
                     self.refusals.enter(&what);

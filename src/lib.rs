@@ -405,6 +405,7 @@ fn queue_reader(
                 pending: s.pending,
                 ack_pending: s.ack_pending,
                 submitted: s.last_seq,
+                refused_pulls: broker.refused_pulls(),
             }),
             Err(e) => {
                 log::debug!("reading the queue state for /metrics failed: {e}");
