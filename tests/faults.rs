@@ -189,3 +189,38 @@ fn a_cut_client_connection_leaves_one_pull_per_thread_and_runs_nothing_twice() {
         "ack_pending reached {worst_ack_pending}"
     );
 }
+
+#[test]
+fn drain_does_not_hand_back_a_call_whose_function_returned() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::echo_with_delay(Duration::from_millis(800));
+    let callbacks =
+        FunctionServer::from_fn(|_| Reply::ok("").with_delay(Duration::from_millis(1500)));
+    let worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[
+            ("drain_timeout", "1s"),
+            ("ack_wait", "60s"),
+            ("callback_timeout", "5s"),
+        ],
+    );
+    let nc = connect(&nats.url());
+    publish_json(
+        &nc,
+        STREAM,
+        &with_callback(gateway_request("slow-callback", b""), &callbacks.url()),
+    );
+    wait_until(SECS(10), "the invocation running", || {
+        function.in_flight() == 1
+    });
+    worker.signal("TERM");
+    // The function returns before drain_timeout, its callback ends after it: the call is
+    // finished and acked, not handed back to run again.
+    let status = worker.wait_exit(SECS(1 + 5));
+    assert_eq!(status.code(), Some(0), "{}", worker.log_tail());
+    assert_eq!(callbacks.answered(), 1);
+    assert_eq!(stream_messages(&nc, STREAM), 0, "acked");
+    assert_eq!(consumer_info(&nc, STREAM, "faas-workers").num_ack_pending, 0);
+    assert_eq!(function.count(), 1);
+}
