@@ -268,8 +268,14 @@ impl Metrics {
     }
 
     /// Reads the queue counters unless they were read less than [`QUEUE_READ_CACHE`] ago.
+    /// While another scrape is reading them, this one serves the values it has rather than
+    /// wait (a read can take seconds when the server is slow to answer).
     fn refresh_queue(&self) {
-        let mut last = self.queue_read.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = match self.queue_read.try_lock() {
+            Ok(last) => last,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
         if last.is_some_and(|at| at.elapsed() < QUEUE_READ_CACHE) {
             return;
         }

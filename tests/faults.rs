@@ -221,6 +221,9 @@ fn drain_does_not_hand_back_a_call_whose_function_returned() {
     assert_eq!(status.code(), Some(0), "{}", worker.log_tail());
     assert_eq!(callbacks.answered(), 1);
     assert_eq!(stream_messages(&nc, STREAM), 0, "acked");
-    assert_eq!(consumer_info(&nc, STREAM, "faas-workers").num_ack_pending, 0);
+    assert_eq!(
+        consumer_info(&nc, STREAM, "faas-workers").num_ack_pending,
+        0
+    );
     assert_eq!(function.count(), 1);
 }
