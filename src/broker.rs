@@ -862,7 +862,10 @@ impl Puller {
             }
             let (current, deadline) = match self.current {
                 Some(c) => c,
-                None => self.request_one(),
+                None => {
+                    self.hand_back_strays();
+                    self.request_one()
+                }
             };
             let wait = deadline.saturating_duration_since(Instant::now());
             let msg = crossbeam_channel::select! {
@@ -948,6 +951,17 @@ impl Puller {
         Ok(taken.map(Delivery::new))
     }
 
+    /// With no request in flight, whatever waits in the subscription was not asked for (a
+    /// delivery for a request given up, which came while this thread was busy): hand it back
+    /// now, before a new request, so it is not taken for the answer to that one.
+    fn hand_back_strays(&mut self) {
+        while let Ok(msg) = self.sub.receiver().try_recv() {
+            if status_of(&msg).is_none() && msg.reply.is_some() {
+                hand_back_unrequested(&msg);
+            }
+        }
+    }
+
     /// Acks a finished message and asks for the next one in the same protocol message
     /// (`+NXT`): the server handles one operation instead of an ack and a pull request, and
     /// [`Puller::next`] then waits for the message it asked for. An error means the ack was
@@ -961,6 +975,7 @@ impl Puller {
         };
         // A reconnect after this point is seen by `next`, which then pulls again.
         self.seen_generation = self.generation.load(Ordering::SeqCst);
+        self.hand_back_strays();
         self.current = Some(self.send(Some(subject))?);
         Ok(())
     }
