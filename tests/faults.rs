@@ -227,3 +227,48 @@ fn drain_does_not_hand_back_a_call_whose_function_returned() {
     );
     assert_eq!(function.count(), 1);
 }
+
+#[test]
+fn a_cut_while_a_call_runs_acks_it_after_the_reconnect_and_runs_nothing_twice() {
+    let nats = NatsServer::start();
+    let proxy = TcpProxy::to_nats(&nats.url());
+    let function = FunctionServer::echo_with_delay(Duration::from_millis(1500));
+    let worker = Worker::start_ready(
+        proxy.url(),
+        function.url(),
+        &[("max_inflight", "2"), ("ack_wait", "1s")],
+    );
+    // One thread busy with a call, the other idle with its pull waiting at the server.
+    let mut ids = publish_batch(&nats.url(), 1);
+    wait_until(SECS(10), "one call running, one pull waiting", || {
+        function.in_flight() == 1 && waiting_and_ack_pending(&nats) == Some((1, 1))
+    });
+    assert!(proxy.cut() > 0, "no connection to cut");
+    worker.wait_metric("queue_worker_nats_reconnect_total", SECS(15), |v| v >= 1.0);
+    ids.extend(publish_batch(&nats.url(), 5));
+    let nats = &nats;
+    let mut worst_ack_pending = 0;
+    wait_until(SECS(30), "every call id invoked and acked", || {
+        let state = waiting_and_ack_pending(nats);
+        if let Some((_, ack_pending)) = state {
+            worst_ack_pending = worst_ack_pending.max(ack_pending);
+        }
+        function.answered() >= ids.len() && state == Some((2, 0))
+    });
+    let seen: Vec<String> = call_ids_seen_in_order(&function);
+    assert_eq!(seen.len(), ids.len(), "some call ran twice: {seen:?}");
+    assert_eq!(seen.iter().cloned().collect::<BTreeSet<_>>(), ids);
+    assert!(
+        worst_ack_pending <= 2,
+        "ack_pending reached {worst_ack_pending}"
+    );
+}
+
+/// Every call id the function saw, once per invocation.
+fn call_ids_seen_in_order(function: &FunctionServer) -> Vec<String> {
+    function
+        .requests()
+        .iter()
+        .filter_map(|s| s.header("X-Call-Id").map(String::from))
+        .collect()
+}
