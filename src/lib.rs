@@ -380,9 +380,10 @@ fn serve(
         ));
     }
     if !confirmed {
-        why.push(format!(
-            "NATS did not confirm the last acks within {FINAL_FLUSH:?}; unconfirmed ones are redelivered"
-        ));
+        why.push(
+            "NATS did not confirm every ack and hand-back; unconfirmed ones are redelivered"
+                .to_string(),
+        );
     }
     Err(Error::DrainIncomplete(why.join("; ")))
 }

@@ -115,25 +115,53 @@ fn sigterm_while_nats_is_down_exits_within_drain_timeout() {
 fn sigterm_while_nats_is_half_open_exits_within_drain_timeout() {
     let nats = NatsServer::start();
     let proxy = TcpProxy::to_nats(&nats.url());
-    let function = FunctionServer::echo();
+    let function = FunctionServer::echo_with_delay(SECS(1));
     let worker = Worker::start_ready(
         proxy.url(),
         function.url(),
-        &[("max_inflight", "2"), ("drain_timeout", "2s")],
+        &[("max_inflight", "2"), ("drain_timeout", "3s")],
     );
+    publish_batch(&nats.url(), 1);
+    function.wait_for_count(1, SECS(20));
     // Bytes go nowhere and the connection stays open: every flush waits for a PONG.
     proxy.set_mode(ProxyMode::Blackhole);
     let sent = std::time::Instant::now();
     worker.signal("TERM");
-    let status = worker.wait_exit(SECS(2 + 5));
+    let status = worker.wait_exit(SECS(3 + 5));
     eprintln!("exit {:?} after {:?}", status.code(), sent.elapsed());
-    // Nothing ran, but the server could not confirm the last flush: not a completed drain.
+    // The call finished within drain_timeout, but its ack went into the void: the server
+    // never confirmed it, so the drain did not complete.
+    assert_eq!(function.answered(), 1);
     assert_eq!(
         status.code(),
         Some(DRAIN_INCOMPLETE),
         "{}",
         worker.log_tail()
     );
+    proxy.set_mode(ProxyMode::Forward);
+    let nc = connect(&nats.url());
+    assert_eq!(
+        stream_messages(&nc, STREAM),
+        1,
+        "unacked, left for redelivery"
+    );
+}
+
+#[test]
+fn sigterm_while_nats_is_down_with_nothing_to_ack_exits_at_once_with_0() {
+    let mut nats = NatsServer::start();
+    let function = FunctionServer::echo();
+    let worker = Worker::start_ready(nats.url(), function.url(), &[]);
+    nats.kill9();
+    wait_until(SECS(10), "the worker to see NATS gone", || {
+        worker.get("/readyz").0 == 503
+    });
+    let sent = std::time::Instant::now();
+    worker.signal("TERM");
+    // Default drain_timeout (1m30s): nothing runs, so nothing waits for it.
+    let status = worker.wait_exit(SECS(5));
+    eprintln!("exit {:?} after {:?}", status.code(), sent.elapsed());
+    assert_eq!(status.code(), Some(0), "{}", worker.log_tail());
 }
 
 /// Waiting pull requests and unacknowledged messages of the worker's consumer, from /jsz.
