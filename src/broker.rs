@@ -1262,6 +1262,31 @@ mod tests {
     }
 
     #[test]
+    fn the_ack_ledger_confirms_only_what_a_flush_followed() {
+        let ledger = AckLedger::default();
+        assert!(
+            ledger.all_confirmed(),
+            "nothing written, nothing to confirm"
+        );
+        ledger.record(Ok(())).unwrap();
+        ledger.record(Ok(())).unwrap();
+        let mark = ledger.mark();
+        ledger.record(Ok(())).unwrap();
+        ledger.confirm(mark);
+        assert!(
+            !ledger.all_confirmed(),
+            "the third came after the flush began"
+        );
+        ledger.confirm(ledger.mark());
+        assert!(ledger.all_confirmed());
+        // An older flush finishing late does not take confirmation back.
+        ledger.confirm(mark);
+        assert!(ledger.all_confirmed());
+        let _ = ledger.record::<()>(Err(io::Error::other("disconnected")));
+        assert!(!ledger.all_confirmed(), "an ack that was never written");
+    }
+
+    #[test]
     fn subject_patterns() {
         assert!(subject_matches("faas-request", "faas-request"));
         assert!(subject_matches("faas.*", "faas.request"));
