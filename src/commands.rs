@@ -103,7 +103,7 @@ pub fn publish(config: &Config, args: &PublishArgs) -> Result<(), Error> {
         })
         .collect();
     broker.publish_all(&subject, &messages, PUBLISH_ACK_TIMEOUT)?;
-    broker.close();
+    broker.shutdown(Duration::from_secs(2));
     let mut out = std::io::stdout().lock();
     for id in ids {
         let _ = writeln!(out, "{id}");
@@ -120,7 +120,7 @@ pub fn status(config: &Config, json: bool) -> Result<(), Error> {
         Some(subject) => broker.dead_letter_count(subject)?,
         None => None,
     };
-    broker.close();
+    broker.shutdown(Duration::from_secs(2));
     if json {
         println!(
             "{}",

@@ -35,6 +35,8 @@ pub struct Config {
     pub max_request_header_bytes: usize,
     pub log: LogConfig,
     pub metrics_port: u16,
+    /// Where the metrics endpoint binds (all interfaces by default, for Kubernetes).
+    pub metrics_address: std::net::IpAddr,
     pub retry: RetryConfig,
     pub dead_letter_subject: Option<String>,
     /// One line for each setting that was given but has no effect yet, to log at start.
@@ -110,10 +112,10 @@ impl std::error::Error for ConfigError {}
 pub(crate) enum DefaultIs {
     /// This text, read exactly as if the variable held it.
     Value(&'static str),
-    /// Whatever the named setting ends up with (its variable, or its own default).
-    Same(&'static str),
     /// No value: the feature is off.
     Unset,
+    /// Computed from other settings by a rule in [`Config::from_lookup`]; the text says how.
+    Rule(&'static str),
 }
 
 /// What a setting's parser says of a value it refuses: what it expected instead.
@@ -307,8 +309,8 @@ pub(crate) const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: "drain_timeout",
-        default: DefaultIs::Same("upstream_timeout"),
-        help: "grace period for in-flight work on SIGTERM",
+        default: DefaultIs::Rule("upstream_timeout + callback_timeout"),
+        help: "grace period for in-flight work on SIGTERM: room for a call to run to its limit and post its callback",
         apply: |d, v| {
             d.c.drain_timeout = duration(v)?;
             Ok(())
@@ -455,6 +457,17 @@ pub(crate) const SETTINGS: &[Setting] = &[
             Ok(())
         },
     },
+    Setting {
+        name: "metrics_address",
+        default: DefaultIs::Value("0.0.0.0"),
+        help: "IP address the metrics port binds to (`127.0.0.1` keeps it on the machine)",
+        apply: |d, v| {
+            d.c.metrics_address = with(v, "an IP address such as 0.0.0.0, 127.0.0.1 or ::", |v| {
+                v.parse().ok()
+            })?;
+            Ok(())
+        },
+    },
     // Set by the OpenFaaS chart's JetStream queue-worker deployment: accepted so that its env
     // block moves over unchanged.
     Setting {
@@ -595,20 +608,12 @@ impl Config {
                 .map(|v| v.trim().to_string())
                 .filter(|v| !v.is_empty())
         };
-        // The text a setting is read from: its variable, else its default (followed through
-        // `Same`), else nothing.
+        // The text a setting is read from: its variable, else its default value, else nothing.
         let effective = |s: &Setting| -> Option<String> {
-            let mut s = s;
-            loop {
-                if let Some(v) = get(s.name) {
-                    return Some(v);
-                }
-                match s.default {
-                    DefaultIs::Value(v) => return Some(v.to_string()),
-                    DefaultIs::Unset => return None,
-                    DefaultIs::Same(other) => s = setting(other).expect("Same names a setting"),
-                }
-            }
+            get(s.name).or(match s.default {
+                DefaultIs::Value(v) => Some(v.to_string()),
+                DefaultIs::Unset | DefaultIs::Rule(_) => None,
+            })
         };
         let mut draft = Draft {
             c: Config::blank(),
@@ -645,6 +650,11 @@ impl Config {
             c.nats_urls = vec![format!("nats://{host}:{nats_port}")];
         }
         // Rules between settings.
+        if get("drain_timeout").is_none() {
+            // Room for a call that started just before SIGTERM to run to its limit and then
+            // post its callback: with less, a finished call is cut short and runs again.
+            c.drain_timeout = c.upstream_timeout + c.callback_timeout;
+        }
         let refuse = |var: &'static str, expected: String| ConfigError {
             var,
             value: effective(setting(var).expect("a setting")).unwrap_or_default(),
@@ -702,6 +712,7 @@ impl Config {
                 print_response_body: false,
             },
             metrics_port: 0,
+            metrics_address: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             retry: RetryConfig {
                 http_codes: Vec::new(),
                 max_attempts: NonZeroU32::MIN,
@@ -720,7 +731,7 @@ impl Setting {
     fn shown_default(&self) -> String {
         match self.default {
             DefaultIs::Value(v) => v.to_string(),
-            DefaultIs::Same(other) => format!("({other})"),
+            DefaultIs::Rule(how) => format!("({how})"),
             DefaultIs::Unset => "unset".to_string(),
         }
     }
@@ -877,7 +888,8 @@ mod tests {
         assert_eq!(c.max_ack_pending, 1000);
         assert_eq!(c.ack_wait, Duration::from_secs(60));
         assert_eq!(c.upstream_timeout, Duration::from_secs(60));
-        assert_eq!(c.drain_timeout, c.upstream_timeout);
+        assert_eq!(c.drain_timeout, c.upstream_timeout + c.callback_timeout);
+        assert_eq!(c.metrics_address.to_string(), "0.0.0.0");
         assert_eq!(c.log.encoding, LogEncoding::Console);
         assert!(!c.log.debug);
         assert_eq!(c.metrics_port, 8081);
@@ -1094,6 +1106,7 @@ mod tests {
             ("backoff", "linear"),
             ("max_ack_pending", "10"),
             ("dead_letter_subject", "dead letters"),
+            ("metrics_address", "localhost:8081"),
         ];
         for (var, value) in cases {
             let err = config(&[(var, value)]).expect_err(&format!("{var}={value} should fail"));
@@ -1205,13 +1218,6 @@ mod tests {
         for s in SETTINGS {
             assert!(names.insert(s.name), "{} is defined twice", s.name);
             assert!(!s.help.is_empty(), "{} has no help line", s.name);
-            if let DefaultIs::Same(other) = s.default {
-                assert!(
-                    setting(other).is_some(),
-                    "{} follows unknown {other}",
-                    s.name
-                );
-            }
         }
         Config::defaults();
     }

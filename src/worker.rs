@@ -151,6 +151,8 @@ fn handle(
     inflight.0.inc();
     let outcome = s.invoker.invoke(&req, &policy);
     drop(inflight);
+    // From here a shutdown must not hand it back: the call would run twice.
+    s.timer.returned(job.lease);
 
     match &outcome {
         Outcome::Done(reply) | Outcome::Permanent(reply) => {

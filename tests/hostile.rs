@@ -170,9 +170,11 @@ fn hostile_messages_beside_normal_traffic() {
         SECS(5),
         |v| v == 1.0,
     );
-    assert!(worker
-        .metric("queue_worker_retries_total{function_name=\"echo\"}")
-        .is_none());
+    assert_eq!(
+        worker.metric("queue_worker_retries_total{function_name=\"echo\"}"),
+        Some(0.0),
+        "born at 0, never raised"
+    );
     assert!(worker.is_running());
     assert_eq!(worker.get("/healthz").0, 200);
     assert_eq!(consumer_info(&nc, STREAM, DURABLE).num_ack_pending, 0);

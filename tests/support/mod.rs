@@ -2,6 +2,8 @@
 //!
 //! - [`NatsServer`]: a real `nats-server` with JetStream on ephemeral ports and its own store.
 //! - [`FunctionServer`]: a real HTTP server playing a function (or a callback receiver).
+//! - [`TcpProxy`]: a TCP proxy between the worker and nats-server that cuts, refuses or
+//!   black-holes connections on demand while the server lives.
 //! - [`Worker`]: the `queue-worker` binary run with a cleared environment; [`run_cli`] for
 //!   one-shot commands.
 //! - [`wait_until`] / [`wait_for`]: deadline-based polling, never fixed sleeps.
@@ -16,6 +18,7 @@
 
 mod function;
 mod nats;
+mod proxy;
 mod worker;
 
 // A test file that uses only some fixtures must still build warning-free.
@@ -23,6 +26,8 @@ mod worker;
 pub use self::function::*;
 #[allow(unused_imports)]
 pub use self::nats::*;
+#[allow(unused_imports)]
+pub use self::proxy::*;
 #[allow(unused_imports)]
 pub use self::worker::*;
 
