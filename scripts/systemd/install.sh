@@ -63,21 +63,30 @@ fi
 
 # --- 1. the binary -----------------------------------------------------------
 if [ -z "$binary" ]; then
-    command -v cargo >/dev/null || {
-        echo "cargo not found: install Rust (https://rustup.rs) or pass --binary PATH" >&2
+    # Build as the owner of the checkout (with their rustup toolchain), not as
+    # root, when run under sudo.
+    as_builder() { # COMMAND: run in the checkout, as $SUDO_USER under sudo
+        if [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
+            # A login shell, for the PATH to the user's rustup toolchain.
+            sudo -u "$SUDO_USER" -H bash -lc 'cd "$1" && eval "$2"' bash "$repo" "$1"
+        else
+            (cd "$repo" && eval "$1")
+        fi
+    }
+    as_builder "command -v cargo >/dev/null" || {
+        echo "cargo not found${SUDO_USER:+ for $SUDO_USER}: install Rust (https://rustup.rs) or pass --binary PATH" >&2
         exit 1
     }
     say "building the release binary (cargo build --release --locked)"
-    # Build as the owner of the checkout, not as root, when run under sudo.
-    if [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
-        sudo -u "$SUDO_USER" -H bash -lc "cd '$repo' && cargo build --release --locked"
-    else
-        (cd "$repo" && cargo build --release --locked)
-    fi
+    as_builder "cargo build --release --locked"
     binary="$repo/target/release/queue-worker"
 fi
 if [ ! -f "$binary" ] || [ ! -x "$binary" ]; then echo "not an executable file: $binary" >&2; exit 1; fi
-version="$("$binary" --version 2>/dev/null)" || { echo "$binary --version failed: not a queue-worker binary?" >&2; exit 1; }
+version="$("$binary" --version 2>/dev/null | head -n 1)" || true
+case "$version" in
+    "queue-worker "*) ;;
+    *) echo "$binary --version does not print \"queue-worker VERSION\": not a queue-worker binary" >&2; exit 1 ;;
+esac
 say "installing $version as $root/usr/local/bin/queue-worker"
 install -D -m 0755 "$binary" "$root/usr/local/bin/queue-worker.new"
 mv -f "$root/usr/local/bin/queue-worker.new" "$root/usr/local/bin/queue-worker"
