@@ -262,10 +262,10 @@ else
 fi
 
 if command -v shellcheck >/dev/null 2>&1; then
-    if shellcheck "$installer" "$scripts_dir/check-deploy-files.sh"; then
-        pass "shellcheck systemd/install.sh check-deploy-files.sh"
+    if shellcheck "$installer" "$scripts_dir/check-deploy-files.sh" "$scripts_dir/limits-check.sh"; then
+        pass "shellcheck systemd/install.sh check-deploy-files.sh limits-check.sh"
     else
-        fail "shellcheck systemd/install.sh check-deploy-files.sh"
+        fail "shellcheck systemd/install.sh check-deploy-files.sh limits-check.sh"
     fi
 else
     skip "shellcheck not found"
