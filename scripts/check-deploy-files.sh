@@ -18,6 +18,8 @@
 #   - scripts/systemd/install.sh: --help, and two staged installs into a
 #     temporary --root (idempotent, env file kept), the staged unit verified
 #     (needs root); shellcheck on the shell scripts (only if it exists)
+#   - systemd/nspawn-check.sh: the README's systemd steps in a booted systemd-nspawn
+#     container (needs root and systemd-nspawn; QW_SKIP_NSPAWN=1 skips it)
 # Exits non-zero on the first class of failures found; optional tools that
 # are not installed are reported as skipped.
 #
@@ -261,11 +263,25 @@ else
     fi
 fi
 
+# The README's systemd steps for real, in a booted throwaway container (about 10 s).
+if [ "${QW_SKIP_NSPAWN:-0}" = 1 ]; then
+    skip "nspawn-check: QW_SKIP_NSPAWN=1"
+elif [ -z "$bin" ] || [ "$(id -u)" != 0 ] || ! command -v systemd-nspawn >/dev/null 2>&1; then
+    skip "nspawn-check: needs root, a built binary and systemd-nspawn (apt-get install systemd-container)"
+elif "$scripts_dir/systemd/nspawn-check.sh" "$bin" >"$tmp/nspawn.log" 2>&1; then
+    pass "systemd/nspawn-check.sh: install.sh, start, limits, /healthz, drain on stop under systemd"
+else
+    cat "$tmp/nspawn.log" >&2
+    fail "systemd/nspawn-check.sh"
+fi
+
 if command -v shellcheck >/dev/null 2>&1; then
-    if shellcheck "$installer" "$scripts_dir/check-deploy-files.sh" "$scripts_dir/limits-check.sh"; then
-        pass "shellcheck systemd/install.sh check-deploy-files.sh limits-check.sh"
+    shell_scripts=("$installer" "$scripts_dir/check-deploy-files.sh" "$scripts_dir/limits-check.sh"
+        "$scripts_dir/systemd/nspawn-check.sh")
+    if shellcheck "${shell_scripts[@]}"; then
+        pass "shellcheck install.sh check-deploy-files.sh limits-check.sh nspawn-check.sh"
     else
-        fail "shellcheck systemd/install.sh check-deploy-files.sh limits-check.sh"
+        fail "shellcheck install.sh check-deploy-files.sh limits-check.sh nspawn-check.sh"
     fi
 else
     skip "shellcheck not found"
