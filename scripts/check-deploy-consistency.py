@@ -54,19 +54,17 @@ def check(ok, what, detail=""):
 
 
 def help_settings(text):
-    """{name: default} from the "Environment variables [default]:" block."""
+    """{name: default} from the "Environment variables ... [default]:" block(s)."""
     out = {}
     in_env = False
     for line in text.splitlines():
-        if line.startswith("Environment variables"):
-            in_env = True
+        if line.strip() and not line.startswith(" "):
+            in_env = line.startswith("Environment variables")
             continue
         if in_env:
             m = re.match(r"^  ([a-z][a-z0-9_]*)\s+.*\[([^\[\]]*)\]\s*$", line)
             if m:
                 out[m.group(1)] = m.group(2)
-            elif line.strip() and not line.startswith("  "):
-                break
     return out
 
 
@@ -109,7 +107,12 @@ def main():
             missing.append(name)
         elif default != "unset" and not default.startswith("(") and documented[name] != default:
             wrong.append(f"{name}: file says {documented[name]!r}, --help says {default!r}")
-    check(not missing, "env file names every variable --help lists", ", ".join(missing))
+    suggestion = "".join(
+        f"\n      #{n}={'' if settings[n] == 'unset' or settings[n].startswith('(') else settings[n]}"
+        for n in missing
+    )
+    check(not missing, "env file names every variable --help lists",
+          ", ".join(missing) + (f"; add to systemd/queue-worker.env:{suggestion}" if missing else ""))
     check(not wrong, "env file shows the defaults --help prints", "; ".join(wrong))
     unknown = sorted((set(documented) | set(active)) - set(settings))
     check(not unknown, "env file names no variable --help does not know", ", ".join(unknown))
