@@ -38,6 +38,14 @@ ensure_promtool() {
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 }
 
+# Kubernetes schemas for scripts/check-deploy-files.sh (offline: the package ships them).
+ensure_kube_validate() {
+  if [ -x "$tools/venv/bin/kubernetes-validate" ]; then return; fi
+  say "installing kubernetes-validate (Kubernetes manifest schemas) into $tools/venv"
+  # python3 -m pip: installs into this venv even when it was copied from another checkout.
+  "$tools/venv/bin/python3" -m pip install --quiet --disable-pip-version-check kubernetes-validate
+}
+
 command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }
 ensure_debian_nats
 ensure_newest_nats
@@ -59,6 +67,7 @@ NATS_SERVER_BIN="$newest_nats" cargo test --locked --test '*' -- "${filter[@]}"
 
 if [ ${#filter[@]} -eq 0 ]; then
   say "deployment files"
+  ensure_kube_validate
   scripts/check-deploy-files.sh
 fi
 say "all tests passed"
