@@ -1,6 +1,7 @@
 //! Self-cleaning fixtures for the integration tests: real parts, never mocks.
 //!
-//! - [`NatsServer`]: a real `nats-server` with JetStream on ephemeral ports and its own store.
+//! - [`NatsServer`]: a real `nats-server` with JetStream on ephemeral ports and its own store;
+//!   [`NatsCluster`]: several of them routed into one JetStream cluster.
 //! - [`FunctionServer`]: a real HTTP server playing a function (or a callback receiver).
 //! - [`Worker`]: the `queue-worker` binary run with a cleared environment; [`run_cli`] for
 //!   one-shot commands.
@@ -14,11 +15,14 @@
 #![allow(dead_code)]
 #![allow(deprecated)]
 
+mod cluster;
 mod function;
 mod nats;
 mod worker;
 
 // A test file that uses only some fixtures must still build warning-free.
+#[allow(unused_imports)]
+pub use self::cluster::*;
 #[allow(unused_imports)]
 pub use self::function::*;
 #[allow(unused_imports)]
