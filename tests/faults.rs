@@ -78,3 +78,101 @@ fn no_message_is_lost_when_the_worker_is_killed() {
         stream_messages(&nc, STREAM) == 0
     });
 }
+
+/// Exit code of a SIGTERM whose drain left work undone.
+const DRAIN_INCOMPLETE: i32 = 3;
+
+#[test]
+fn sigterm_while_nats_is_down_exits_within_drain_timeout() {
+    let mut nats = NatsServer::start();
+    let function = FunctionServer::echo_with_delay(SECS(30));
+    let worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[("max_inflight", "2"), ("drain_timeout", "2s")],
+    );
+    publish_batch(&nats.url(), 1);
+    function.wait_for_count(1, SECS(20));
+    nats.kill9();
+    wait_until(SECS(10), "the worker to see NATS gone", || {
+        worker.get("/readyz").0 == 503
+    });
+    let sent = std::time::Instant::now();
+    worker.signal("TERM");
+    // drain_timeout (2 s) plus a few seconds for the hand-back and the close.
+    let status = worker.wait_exit(SECS(2 + 5));
+    eprintln!("exit {:?} after {:?}", status.code(), sent.elapsed());
+    // The call still runs: the drain did not complete.
+    assert_eq!(status.code(), Some(DRAIN_INCOMPLETE), "{}", worker.log_tail());
+}
+
+#[test]
+fn sigterm_while_nats_is_half_open_exits_within_drain_timeout() {
+    let nats = NatsServer::start();
+    let proxy = TcpProxy::to_nats(&nats.url());
+    let function = FunctionServer::echo();
+    let worker = Worker::start_ready(
+        proxy.url(),
+        function.url(),
+        &[("max_inflight", "2"), ("drain_timeout", "2s")],
+    );
+    // Bytes go nowhere and the connection stays open: every flush waits for a PONG.
+    proxy.set_mode(ProxyMode::Blackhole);
+    let sent = std::time::Instant::now();
+    worker.signal("TERM");
+    let status = worker.wait_exit(SECS(2 + 5));
+    eprintln!("exit {:?} after {:?}", status.code(), sent.elapsed());
+    // Nothing ran: the drain itself completed.
+    assert_eq!(status.code(), Some(0), "{}", worker.log_tail());
+}
+
+/// Waiting pull requests and unacknowledged messages of the worker's consumer, from /jsz.
+fn waiting_and_ack_pending(nats: &NatsServer) -> Option<(u64, u64)> {
+    let c = nats.jsz_consumer(STREAM, "faas-workers")?;
+    Some((
+        c["num_waiting"].as_u64().unwrap_or(0),
+        c["num_ack_pending"].as_u64().unwrap_or(0),
+    ))
+}
+
+#[test]
+fn a_cut_client_connection_leaves_one_pull_per_thread_and_runs_nothing_twice() {
+    let nats = NatsServer::start();
+    let proxy = TcpProxy::to_nats(&nats.url());
+    let function = FunctionServer::echo_with_delay(Duration::from_millis(1500));
+    let worker = Worker::start_ready(
+        proxy.url(),
+        function.url(),
+        &[("max_inflight", "2"), ("ack_wait", "1s")],
+    );
+    let nats = &nats;
+    let idle = |want: u64| move || waiting_and_ack_pending(nats) == Some((want, 0));
+    wait_until(SECS(10), "one pull per thread", idle(2));
+    for round in 1..=2 {
+        assert!(proxy.cut() > 0, "round {round}: no connection to cut");
+        worker.wait_metric("queue_worker_nats_reconnect_total", SECS(15), |v| {
+            v >= round as f64
+        });
+        worker.wait_ready(SECS(10));
+        // The server drops the old requests once their inbox lost interest.
+        wait_until(SECS(10), "num_waiting back to max_inflight", idle(2));
+    }
+    let ids = publish_batch(&nats.url(), 4);
+    let mut worst_ack_pending = 0;
+    wait_until(SECS(30), "every call id invoked and acked", || {
+        let state = waiting_and_ack_pending(nats);
+        if let Some((_, ack_pending)) = state {
+            worst_ack_pending = worst_ack_pending.max(ack_pending);
+        }
+        function.answered() >= ids.len() && state == Some((2, 0))
+    });
+    // ack_pending 0 with everything answered: no delivery is left in a buffer to come again.
+    let seen: Vec<String> = function
+        .requests()
+        .iter()
+        .filter_map(|s| s.header("X-Call-Id").map(String::from))
+        .collect();
+    assert_eq!(seen.len(), ids.len(), "some call ran twice: {seen:?}");
+    assert_eq!(seen.iter().cloned().collect::<BTreeSet<_>>(), ids);
+    assert!(worst_ack_pending <= 2, "ack_pending reached {worst_ack_pending}");
+}

@@ -3,6 +3,8 @@
 //! - [`NatsServer`]: a real `nats-server` with JetStream on ephemeral ports and its own store;
 //!   [`NatsCluster`]: several of them routed into one JetStream cluster.
 //! - [`FunctionServer`]: a real HTTP server playing a function (or a callback receiver).
+//! - [`TcpProxy`]: a TCP proxy between the worker and nats-server that cuts, refuses or
+//!   black-holes connections on demand while the server lives.
 //! - [`Worker`]: the `queue-worker` binary run with a cleared environment; [`run_cli`] for
 //!   one-shot commands.
 //! - [`wait_until`] / [`wait_for`]: deadline-based polling, never fixed sleeps.
@@ -18,6 +20,7 @@
 mod cluster;
 mod function;
 mod nats;
+mod proxy;
 mod worker;
 
 // A test file that uses only some fixtures must still build warning-free.
@@ -27,6 +30,8 @@ pub use self::cluster::*;
 pub use self::function::*;
 #[allow(unused_imports)]
 pub use self::nats::*;
+#[allow(unused_imports)]
+pub use self::proxy::*;
 #[allow(unused_imports)]
 pub use self::worker::*;
 
