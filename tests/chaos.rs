@@ -29,6 +29,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -525,13 +526,112 @@ fn c05_worker_sigkill_restart() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Client connections cut while the server lives
+
+/// The worker talks to nats-server through a TCP proxy that cuts every client connection five
+/// times while the backlog is worked off (a load balancer's idle reset, a NAT timeout). Nothing
+/// failed but the connection, so no call may run twice, and the consumer never holds more
+/// unacknowledged messages than there are worker threads. One call in 50 takes longer than
+/// ack_wait, so a delivery left waiting without a lease would be redelivered meanwhile.
+#[test]
+#[ignore = "chaos suite: run scripts/chaos.sh"]
+fn c06_client_connections_cut() {
+    const CUTS: usize = 5;
+    scenario("client connections cut x5 (server up)", |run| {
+        let n = messages();
+        run.max_duplicates = Some(0);
+        run.bounds.push(format!("ack_pending <= {MAX_INFLIGHT}"));
+        let nats = NatsServer::start();
+        let proxy = TcpProxy::to_nats(&nats.url());
+        let tally = run.tally.clone();
+        let calls = AtomicUsize::new(0);
+        let function = FunctionServer::from_fn(move |seen| {
+            tally.record(seen, 0);
+            let k = calls.fetch_add(1, Ordering::SeqCst);
+            let delay = if k % 50 == 49 { 2500 } else { 2 };
+            Reply::ok("done").with_delay(Duration::from_millis(delay))
+        });
+        let env = worker_env("2s");
+        run.publish(&nats.url(), n, &env);
+        let mut sampler = AckPendingSampler::start(&nats);
+        let worker = start_worker(&proxy.url(), &function.url(), &env);
+        for k in 1..=CUTS {
+            run.wait_calls(n * k / (CUTS + 1), SECS(60));
+            run.fault("cut every client connection");
+            let cut = proxy.cut();
+            if cut == 0 {
+                run.fail("no connection to cut");
+            }
+        }
+        run.wait_settled(&nats.url(), SETTLE_DEADLINE, || alive(&worker));
+        let worst = sampler.stop();
+        run.note(format!("max ack_pending seen {worst}"));
+        if worst > MAX_INFLIGHT as u64 {
+            run.fail(format!("ack_pending reached {worst}"));
+        }
+    });
+}
+
+/// Samples the consumer's `num_ack_pending` from /jsz every 50 ms on a thread of its own.
+struct AckPendingSampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl AckPendingSampler {
+    fn start(nats: &NatsServer) -> AckPendingSampler {
+        let url = format!("{}/jsz?consumers=true", nats.monitor_url());
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut worst = 0;
+            while !flag.load(Ordering::SeqCst) {
+                if let Ok((200, body)) = http_get(&url) {
+                    let v: Value = serde_json::from_str(&body).unwrap_or_default();
+                    let found = v["account_details"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+                        .flat_map(|s| s["consumer_detail"].as_array().into_iter().flatten())
+                        .filter(|c| c["name"] == DURABLE)
+                        .filter_map(|c| c["num_ack_pending"].as_u64())
+                        .max();
+                    worst = worst.max(found.unwrap_or(0));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            worst
+        });
+        AckPendingSampler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling; the largest value seen.
+    fn stop(&mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread
+            .take()
+            .map_or(0, |t| t.join().unwrap_or(u64::MAX))
+    }
+}
+
+impl Drop for AckPendingSampler {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Shutdown during an outage
 
 /// nats-server is killed, then the worker gets SIGTERM: it must exit within drain_timeout plus
 /// a few seconds. Then the server comes back and a new worker finishes the backlog.
 #[test]
 #[ignore = "chaos suite: run scripts/chaos.sh"]
-fn c06_sigterm_during_nats_outage() {
+fn c07_sigterm_during_nats_outage() {
     const DRAIN: u64 = 4;
     const SLACK: u64 = 5;
     scenario("worker SIGTERM during NATS outage", |run| {
@@ -594,7 +694,7 @@ fn c06_sigterm_during_nats_outage() {
 /// Three worker processes share one durable consumer: no call runs twice, each does a share.
 #[test]
 #[ignore = "chaos suite: run scripts/chaos.sh"]
-fn c07_three_workers_one_durable() {
+fn c08_three_workers_one_durable() {
     const WORKERS: usize = 3;
     const MIN_SHARE: f64 = 0.10;
     scenario("3 workers on one durable", |run| {
@@ -643,7 +743,7 @@ fn c07_three_workers_one_durable() {
 /// node is SIGKILLed mid-backlog. The worst stall may exceed the election time by 5 s at most.
 #[test]
 #[ignore = "chaos suite: run scripts/chaos.sh"]
-fn c08_cluster_leader_killed() {
+fn c09_cluster_leader_killed() {
     const SLACK: Duration = Duration::from_secs(5);
     scenario("3-node cluster, R3, leader SIGKILL", |run| {
         let n = messages();
@@ -869,7 +969,7 @@ fn percent_decode(s: &str) -> String {
 /// that forges `X-Function-Status` carries the worker's value once.
 #[test]
 #[ignore = "chaos suite: run scripts/chaos.sh"]
-fn c09_hostile_messages() {
+fn c10_hostile_messages() {
     scenario("hostile messages beside traffic", |run| {
         let n = messages();
         run.bounds

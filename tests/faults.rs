@@ -103,7 +103,12 @@ fn sigterm_while_nats_is_down_exits_within_drain_timeout() {
     let status = worker.wait_exit(SECS(2 + 5));
     eprintln!("exit {:?} after {:?}", status.code(), sent.elapsed());
     // The call still runs: the drain did not complete.
-    assert_eq!(status.code(), Some(DRAIN_INCOMPLETE), "{}", worker.log_tail());
+    assert_eq!(
+        status.code(),
+        Some(DRAIN_INCOMPLETE),
+        "{}",
+        worker.log_tail()
+    );
 }
 
 #[test]
@@ -174,5 +179,8 @@ fn a_cut_client_connection_leaves_one_pull_per_thread_and_runs_nothing_twice() {
         .collect();
     assert_eq!(seen.len(), ids.len(), "some call ran twice: {seen:?}");
     assert_eq!(seen.iter().cloned().collect::<BTreeSet<_>>(), ids);
-    assert!(worst_ack_pending <= 2, "ack_pending reached {worst_ack_pending}");
+    assert!(
+        worst_ack_pending <= 2,
+        "ack_pending reached {worst_ack_pending}"
+    );
 }
