@@ -7,23 +7,32 @@
 //! otherwise waits up to 5 ms), no random delay before the first connect, unlimited reconnects,
 //! and status replies (404, 408, 409) that arrive as messages without a reply subject.
 //!
-//! Each puller owns a subscription on its own wildcard inbox, `<inbox>.<index>.*`, and gives
-//! every pull request its own reply subject `<inbox>.<index>.<n>`: status replies (404, 408, 409)
-//! come on the reply subject of the request they end, so a late status of an expired request is
-//! told apart from the current one. Publishing to `<inbox>.<index>.wake` wakes an idle puller at
-//! once (on shutdown and after a reconnect) without any polling.
+//! Each puller owns a subscription on its own wildcard inbox, `<inbox>.<index>.<g>.*`, and gives
+//! every pull request its own reply subject `<inbox>.<index>.<g>.<n>`: status replies (404, 408,
+//! 409) come on the reply subject of the request they end, so a late status of an expired request
+//! is told apart from the current one. `<g>` counts the puller's inboxes: after a reconnect the
+//! client resubscribes every inbox, which would revive a pull request still waiting at a server
+//! that stayed up, so the puller moves to a fresh inbox and unsubscribes the old one (the server
+//! drops requests whose inbox has no interest). A delivery nobody asked for is handed back (NAK)
+//! at once. A local channel wakes an idle puller (on shutdown and after a reconnect): waking needs
+//! no round trip through a server that may be gone.
+//!
+//! Nothing here waits for the server without a deadline of its own: the crate's flush waits for
+//! a PONG forever and its close joins a reconnect thread that never ends, so pullers only kick
+//! the flusher thread, and [`Broker::shutdown`] runs the last flush and the close on helper
+//! threads it stops waiting for at its deadline.
 
 #![allow(deprecated)]
 
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 
 use nats::header::HeaderMap;
 use nats::jetstream::{
@@ -37,7 +46,10 @@ const PULL_EXPIRES: Duration = Duration::from_secs(30);
 const PULL_MARGIN: Duration = Duration::from_secs(2);
 /// Pause after a 409 (consumer deleted, too many waiting pulls, ...) or a failed pull request.
 const PULL_PAUSE_AFTER_409: Duration = Duration::from_secs(1);
+/// The crate's flush timeout: it bounds only the socket write, never the wait for the PONG.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long [`Broker::shutdown`] waits for the client's close before leaving it behind.
+const CLOSE_WAIT: Duration = Duration::from_millis(500);
 /// Largest wait between connection attempts while NATS is not yet up.
 const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(5);
 /// Publishes in flight before the publisher waits for acknowledgements.
@@ -100,7 +112,10 @@ pub struct Broker {
     js: JetStream,
     flusher: Flusher,
     inbox: String,
-    pullers: AtomicUsize,
+    /// One wake-up channel per puller, in puller order.
+    wakes: Mutex<Vec<Sender<()>>>,
+    /// Refused pull requests, shared by the pullers so that each condition is logged once.
+    refusals: Arc<Refusals>,
     /// Bumped on every reconnect: pull requests made before it may be gone with the server.
     generation: Arc<AtomicU64>,
 }
@@ -233,7 +248,8 @@ impl Broker {
             flusher,
             nc,
             inbox,
-            pullers: AtomicUsize::new(0),
+            wakes: Mutex::new(Vec::new()),
+            refusals: Arc::new(Refusals::default()),
             generation,
         })
     }
@@ -394,12 +410,17 @@ impl Broker {
 
     /// A puller with its own subscription. Make them all before starting worker threads.
     pub fn puller(&self, spec: &QueueSpec) -> Result<Puller, BrokerError> {
-        let index = self.pullers.fetch_add(1, Ordering::SeqCst);
-        let prefix = format!("{}.{index}", self.inbox);
+        let (wake_tx, wake) = crossbeam_channel::bounded(1);
+        let mut wakes = self.wakes.lock().unwrap_or_else(|p| p.into_inner());
+        let index = wakes.len();
+        let base = format!("{}.{index}", self.inbox);
+        let prefix = format!("{base}.0");
         let sub = self
             .nc
             .subscribe(&format!("{prefix}.*"))
             .map_err(api("subscribing a puller inbox"))?;
+        wakes.push(wake_tx);
+        drop(wakes);
         let request = serde_json::to_vec(&serde_json::json!({
             "batch": 1,
             "expires": PULL_EXPIRES.as_nanos() as u64,
@@ -409,6 +430,11 @@ impl Broker {
             nc: self.nc.clone(),
             flush: self.flusher.handle(),
             sub,
+            base,
+            inboxes: 0,
+            wake,
+            refusals: self.refusals.clone(),
+            refused: None,
             pull_subject: format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", spec.stream, spec.durable),
             ack_next: [b"+NXT ".as_slice(), &request].concat(),
             inbox_len: prefix.len() + 1,
@@ -422,13 +448,13 @@ impl Broker {
     }
 
     /// Wakes every idle puller at once, so that it sees shutdown or re-pulls after a reconnect.
+    /// Local: never waits, whatever the connection does.
     pub fn wake_pullers(&self) {
-        for index in 0..self.pullers.load(Ordering::SeqCst) {
-            let _ = self
-                .nc
-                .publish(&format!("{}.{index}.wake", self.inbox), b"");
+        let wakes = self.wakes.lock().unwrap_or_else(|p| p.into_inner());
+        for wake in wakes.iter() {
+            // A full channel already holds a wake-up.
+            let _ = wake.try_send(());
         }
-        let _ = self.nc.flush_timeout(FLUSH_TIMEOUT);
     }
 
     /// Publishes messages to JetStream with de-duplication ids, many in flight at once, and
@@ -469,7 +495,8 @@ impl Broker {
                 sent.insert(next, (Instant::now(), 1));
                 next += 1;
             }
-            let _ = self.nc.flush_timeout(FLUSH_TIMEOUT);
+            // The flusher sends them: a flush here could wait for a PONG forever.
+            self.flusher.kick();
             match sub.next_timeout(ack_timeout) {
                 Ok(reply) => {
                     let Some(i) = reply
@@ -509,78 +536,129 @@ impl Broker {
         Ok(seqs)
     }
 
-    /// Sends what is buffered and waits for the server to have it.
-    pub fn flush(&self) {
-        let _ = self.nc.flush_timeout(FLUSH_TIMEOUT);
+    /// Sends what is buffered and waits, at most `within`, for the server to confirm it has
+    /// everything (a PONG). For the command-line tools, which then exit.
+    pub fn flush_within(&self, within: Duration) -> bool {
+        let nc = self.nc.clone();
+        within_deadline("nats-flush", within, move || {
+            nc.flush_timeout(FLUSH_TIMEOUT).is_ok()
+        })
+        .unwrap_or(false)
     }
 
-    /// Flushes and closes the connection.
-    pub fn close(self) {
+    /// The last step of a shutdown, bounded whatever the server does (down, half-open, slow):
+    /// stops the flusher, flushes what is buffered (acks, hand-backs) and closes the connection.
+    /// Returns whether the server confirmed it has everything within `within`; otherwise what
+    /// was not confirmed is redelivered after ack wait. The crate's flush and close may never
+    /// return (a PONG that never comes, a reconnect thread that never ends): they run on helper
+    /// threads that are left behind at the deadline and end with the process.
+    pub fn shutdown(&self, within: Duration) -> bool {
         self.flusher.stop();
-        let _ = self.nc.flush_timeout(FLUSH_TIMEOUT);
-        self.nc.close();
+        let confirmed = self.flush_within(within);
+        let nc = self.nc.clone();
+        if within_deadline("nats-close", CLOSE_WAIT, move || nc.close()).is_none() {
+            log::debug!("the NATS client did not close within {CLOSE_WAIT:?}; leaving it");
+        }
+        confirmed
     }
 }
 
-enum Kick {
-    Flush,
-    Stop,
+/// Runs `f` on a thread of its own and waits at most `limit` for it: `None` when it did not
+/// finish in time (the thread is left to end with the process) or could not start.
+fn within_deadline<T: Send + 'static>(
+    name: &str,
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let spawned = std::thread::Builder::new()
+        .name(name.into())
+        .stack_size(128 * 1024)
+        .spawn(move || {
+            let _ = tx.send(f());
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot start a thread for {name}: {e}");
+        return None;
+    }
+    rx.recv_timeout(limit).ok()
+}
+
+/// Which refusals (409 and others) pullers are under now, by status and description: a
+/// condition is logged when the first puller meets it and when the last one is out of it.
+#[derive(Default)]
+struct Refusals(Mutex<HashMap<String, usize>>);
+
+impl Refusals {
+    fn enter(&self, what: &str) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let count = map.entry(what.to_string()).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            log::warn!(
+                "pull request refused: {what}; pausing {PULL_PAUSE_AFTER_409:?} between tries (logged once until it clears)"
+            );
+        }
+    }
+
+    fn leave(&self, what: &str) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = map.get_mut(what) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(what);
+                log::info!("pull requests accepted again (was: {what})");
+            }
+        }
+    }
 }
 
 /// Sends buffered pull requests at once, for all pullers together.
 ///
 /// The client holds what is published for up to 5 ms unless told to flush, and its flush
 /// sends a PING and spins (`sched_yield`) until the PONG: one flush per pull from every worker
-/// thread took a quarter of the worker's CPU at max_inflight 100. While one flush is under way,
-/// pullers kick this thread instead; kicks that arrive meanwhile are served by one flush.
+/// thread took a quarter of the worker's CPU at max_inflight 100. Pullers kick this thread
+/// instead; kicks that arrive during a flush are served by the next one. A worker thread never
+/// flushes itself, since a flush waits for its PONG without limit while the server is gone or
+/// the link half-open: only this thread may hang there, and it is never joined.
 struct Flusher {
-    kick: Sender<Kick>,
-    /// Set while some thread waits for a PONG.
-    busy: Arc<AtomicBool>,
-    handle: Mutex<Option<JoinHandle<()>>>,
+    kick: Sender<()>,
+    stop: Arc<AtomicBool>,
+    /// Never joined: it may wait for a PONG that never comes. It ends with the process.
+    _handle: JoinHandle<()>,
 }
 
 /// How a puller gets its pull request sent.
 struct FlushHandle {
-    kick: Sender<Kick>,
-    busy: Arc<AtomicBool>,
+    kick: Sender<()>,
 }
 
 impl FlushHandle {
-    /// When no other thread is flushing (always so at max_inflight 1), flush here and save a
-    /// thread hand-off; otherwise leave it to the flusher thread, so that only one thread at a
-    /// time waits for a PONG.
-    fn flush(&self, nc: &nats::Connection) {
-        if self
-            .busy
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-        {
-            let _ = nc.flush_timeout(FLUSH_TIMEOUT);
-            self.busy.store(false, Ordering::Release);
-        } else {
-            // A full channel means a flush is already due, which sends this request too.
-            let _ = self.kick.try_send(Kick::Flush);
-        }
+    /// Asks the flusher thread to flush; never waits.
+    fn flush(&self) {
+        // A full channel means a flush is already due, which sends this request too.
+        let _ = self.kick.try_send(());
     }
 }
 
 impl Flusher {
     fn spawn(nc: &nats::Connection) -> io::Result<Flusher> {
-        let (kick, kicked) = crossbeam_channel::bounded(1);
+        let (kick, kicked) = crossbeam_channel::bounded::<()>(1);
+        let stop = Arc::new(AtomicBool::new(false));
         let nc = nc.clone();
+        let stopped = stop.clone();
         let handle = std::thread::Builder::new()
             .name("flusher".into())
             .stack_size(128 * 1024)
             .spawn(move || {
-                while let Ok(Kick::Flush) = kicked.recv() {
+                while kicked.recv().is_ok() && !stopped.load(Ordering::SeqCst) {
                     let _ = nc.flush_timeout(FLUSH_TIMEOUT);
                 }
             })?;
         Ok(Flusher {
             kick,
-            busy: Arc::new(AtomicBool::new(false)),
-            handle: Mutex::new(Some(handle)),
+            stop,
+            _handle: handle,
         })
     }
 
@@ -588,16 +666,17 @@ impl Flusher {
     fn handle(&self) -> FlushHandle {
         FlushHandle {
             kick: self.kick.clone(),
-            busy: self.busy.clone(),
         }
     }
 
+    fn kick(&self) {
+        let _ = self.kick.try_send(());
+    }
+
+    /// Tells the thread to end after the flush it may be in; never waits.
     fn stop(&self) {
-        let _ = self.kick.send_timeout(Kick::Stop, FLUSH_TIMEOUT);
-        let handle = self.handle.lock().map(|mut h| h.take());
-        if let Ok(Some(handle)) = handle {
-            let _ = handle.join();
-        }
+        self.stop.store(true, Ordering::SeqCst);
+        self.kick();
     }
 }
 
@@ -732,9 +811,17 @@ pub struct Puller {
     nc: nats::Connection,
     flush: FlushHandle,
     sub: nats::Subscription,
-    /// The reply subject of the latest request, `<inbox>.<seq>`, rewritten in place.
+    /// `<inbox>.<index>`: the inboxes of this puller are `<base>.<g>.*`.
+    base: String,
+    /// `<g>` of the current inbox.
+    inboxes: u64,
+    wake: Receiver<()>,
+    refusals: Arc<Refusals>,
+    /// The refusal this puller is under (see [`Refusals`]).
+    refused: Option<String>,
+    /// The reply subject of the latest request, `<base>.<g>.<seq>`, rewritten in place.
     reply: String,
-    /// Length of `<inbox>.`, the part of `reply` that stays.
+    /// Length of `<base>.<g>.`, the part of `reply` that stays.
     inbox_len: usize,
     pull_subject: String,
     request: Vec<u8>,
@@ -756,43 +843,99 @@ impl Puller {
             }
             let generation = self.generation.load(Ordering::SeqCst);
             if generation != self.seen_generation {
-                // Reconnected: a restarted server has forgotten our pull request.
+                // Reconnected: a restarted server has forgotten our pull request, one that
+                // stayed up still has it and the client's resubscription revived it.
                 self.seen_generation = generation;
-                self.current = None;
+                if let Some(delivery) = self.renew_inbox()? {
+                    return Ok(Some(delivery));
+                }
             }
             let (current, deadline) = match self.current {
                 Some(c) => c,
                 None => self.request_one(),
             };
             let wait = deadline.saturating_duration_since(Instant::now());
-            match self.sub.next_timeout(wait) {
-                Ok(msg) => {
-                    if let Some(status) = status_of(&msg) {
-                        // Status replies come on the reply subject of the request they end.
-                        let tail = msg.subject.rsplit('.').next().unwrap_or_default();
-                        let for_current = tail.parse::<u64>().ok() == Some(current);
-                        if for_current {
-                            self.current = None;
-                        }
-                        self.on_status(status, &msg, for_current);
-                        continue;
-                    }
-                    if msg.reply.is_none() {
-                        continue; // a wake-up
-                    }
-                    // Messages keep their stream subject, so which request one answers cannot
-                    // be told; every request asks for one message, so it ends the one in flight.
-                    self.current = None;
-                    return Ok(Some(Delivery::new(msg)));
-                }
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+            let msg = crossbeam_channel::select! {
+                recv(self.sub.receiver()) -> msg => match msg {
+                    Ok(msg) => msg,
+                    Err(_) => return Err(BrokerError::Closed),
+                },
+                recv(self.wake) -> _ => continue,
+                default(wait) => {
                     if Instant::now() >= deadline {
                         self.current = None;
                     }
+                    continue;
                 }
-                Err(_) => return Err(BrokerError::Closed),
+            };
+            if let Some(status) = status_of(&msg) {
+                // Status replies come on the reply subject of the request they end.
+                let tail = msg.subject.rsplit('.').next().unwrap_or_default();
+                let for_current = current != 0 && tail.parse::<u64>().ok() == Some(current);
+                if for_current {
+                    self.current = None;
+                }
+                self.on_status(status, &msg, for_current);
+                continue;
+            }
+            if msg.reply.is_none() {
+                continue;
+            }
+            if current == 0 {
+                // Pausing, no request in flight: nobody asked for it. Holding it would let its
+                // ack window run out unleased, and the server would deliver it again.
+                hand_back_unrequested(&msg);
+                continue;
+            }
+            // Messages keep their stream subject, so which request one answers cannot
+            // be told; every request asks for one message, so it ends the one in flight.
+            self.current = None;
+            self.accepted();
+            return Ok(Some(Delivery::new(msg)));
+        }
+    }
+
+    /// Moves to a fresh inbox after a reconnect and unsubscribes the old one, so that a pull
+    /// request the server kept under it loses its interest and is dropped: no thread ever has
+    /// two requests waiting. A delivery already received on the old inbox answers the request
+    /// that was in flight and is returned; any other one is handed back at once.
+    fn renew_inbox(&mut self) -> Result<Option<Delivery>, BrokerError> {
+        let inboxes = self.inboxes + 1;
+        let prefix = format!("{}.{inboxes}", self.base);
+        let sub = match self.nc.subscribe(&format!("{prefix}.*")) {
+            Ok(sub) => sub,
+            Err(e) => {
+                // Only a closed connection refuses a subscription; keep the old inbox.
+                log::debug!("cannot subscribe a fresh puller inbox: {e}");
+                self.current = None;
+                return Ok(None);
+            }
+        };
+        self.inboxes = inboxes;
+        self.reply = format!("{prefix}.");
+        self.inbox_len = self.reply.len();
+        let old = std::mem::replace(&mut self.sub, sub);
+        let mut asked = matches!(self.current, Some((seq, _)) if seq != 0);
+        let mut taken = None;
+        for msg in old.try_iter() {
+            if status_of(&msg).is_some() || msg.reply.is_none() {
+                continue;
+            }
+            if asked {
+                asked = false;
+                taken = Some(msg);
+            } else {
+                hand_back_unrequested(&msg);
             }
         }
+        if let Err(e) = old.unsubscribe() {
+            log::debug!("unsubscribing an old puller inbox: {e}");
+        }
+        self.current = None;
+        if taken.is_some() {
+            self.accepted();
+        }
+        Ok(taken.map(Delivery::new))
     }
 
     /// Acks a finished message and asks for the next one in the same protocol message
@@ -813,7 +956,7 @@ impl Puller {
     }
 
     /// Sends a pull request, or with `ack_subject` an ack with `+NXT`, answered on a fresh
-    /// reply subject, and flushes it. Returns its sequence and when to give up on it.
+    /// reply subject, and has it flushed. Returns its sequence and when to give up on it.
     fn send(&mut self, ack_subject: Option<&str>) -> io::Result<(u64, Instant)> {
         self.seq += 1;
         self.reply.truncate(self.inbox_len);
@@ -825,7 +968,7 @@ impl Puller {
         self.nc
             .publish_with_reply_or_headers(subject, Some(&self.reply), None, body)?;
         // Without a flush the client holds it for up to 5 ms.
-        self.flush.flush(&self.nc);
+        self.flush.flush();
         Ok((self.seq, Instant::now() + PULL_EXPIRES + PULL_MARGIN))
     }
 
@@ -846,6 +989,7 @@ impl Puller {
     fn on_status(&mut self, status: &str, msg: &nats::Message, for_current: bool) {
         match status {
             // No message in time (408), none at all (404), or a heartbeat (100): pull again.
+            "404" | "408" | "100" if for_current => self.accepted(),
             "404" | "408" | "100" => {}
             _ if for_current => {
                 let description = msg
@@ -854,12 +998,43 @@ impl Puller {
                     .and_then(|h| h.get(nats::header::DESCRIPTION))
                     .cloned()
                     .unwrap_or_default();
-                log::warn!("pull request refused: {status} {description}; pausing {PULL_PAUSE_AFTER_409:?}");
+                let what = format!("{status} {description}");
+                if self.refused.as_deref() != Some(what.as_str()) {
+                    self.accepted();
+                    self.refusals.enter(&what);
+                    self.refused = Some(what);
+                }
                 // Sequence 0 names no request: wait for the pause to pass (or a wake-up).
                 self.current = Some((0, Instant::now() + PULL_PAUSE_AFTER_409));
             }
             _ => {}
         }
+    }
+
+    /// A request was accepted: this puller is out of any refusal it was under.
+    fn accepted(&mut self) {
+        if let Some(what) = self.refused.take() {
+            self.refusals.leave(&what);
+        }
+    }
+}
+
+impl Drop for Puller {
+    fn drop(&mut self) {
+        self.accepted();
+    }
+}
+
+/// Hands a delivery nobody asked for back to the server at once, for another puller.
+fn hand_back_unrequested(msg: &nats::Message) {
+    let seq = msg
+        .reply
+        .as_deref()
+        .and_then(parse_ack_subject)
+        .map_or(0, |(seq, _)| seq);
+    log::debug!(stream_seq = seq; "handing back a delivery no pull request of this thread asked for");
+    if let Err(e) = msg.ack_kind(AckKind::Nak) {
+        log::debug!(stream_seq = seq; "could not hand back an unrequested delivery: {e}");
     }
 }
 

@@ -93,7 +93,7 @@ pub fn publish(config: &Config, args: &PublishArgs) -> Result<(), Error> {
         })
         .collect();
     broker.publish_all(&config.subject, &messages, PUBLISH_ACK_TIMEOUT)?;
-    broker.close();
+    broker.shutdown(Duration::from_secs(2));
     let mut out = std::io::stdout().lock();
     for id in ids {
         let _ = writeln!(out, "{id}");
@@ -105,7 +105,7 @@ pub fn publish(config: &Config, args: &PublishArgs) -> Result<(), Error> {
 pub fn status(config: &Config, json: bool) -> Result<(), Error> {
     let broker = Broker::connect_once(&config.nats_urls, None)?;
     let state = broker.queue_state(&config.stream, &config.durable)?;
-    broker.close();
+    broker.shutdown(Duration::from_secs(2));
     if json {
         println!(
             "{}",

@@ -19,6 +19,8 @@ pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(60);
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_CALLBACK_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_METRICS_PORT: u16 = 8081;
+pub const DEFAULT_METRICS_ADDRESS: std::net::IpAddr =
+    std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
 /// Messages the consumer hands out before an ack: running plus waiting retries.
 pub const DEFAULT_MAX_ACK_PENDING: usize = 1000;
 pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 16 * 1024 * 1024;
@@ -50,6 +52,8 @@ pub struct Config {
     pub max_response_bytes: u64,
     pub log: LogConfig,
     pub metrics_port: u16,
+    /// Where the metrics endpoint binds (all interfaces by default, for Kubernetes).
+    pub metrics_address: std::net::IpAddr,
     pub retry: RetryConfig,
     pub dead_letter_subject: Option<String>,
 }
@@ -280,8 +284,10 @@ impl Config {
         };
         let ack_wait = positive("ack_wait", DEFAULT_ACK_WAIT)?;
         let upstream_timeout = positive("upstream_timeout", DEFAULT_UPSTREAM_TIMEOUT)?;
-        let drain_timeout = vars.duration("drain_timeout", upstream_timeout)?;
         let callback_timeout = positive("callback_timeout", DEFAULT_CALLBACK_TIMEOUT)?;
+        // Room for a call that started just before SIGTERM to run to its limit and then post
+        // its callback: with less, a finished call is cut short and runs again.
+        let drain_timeout = vars.duration("drain_timeout", upstream_timeout + callback_timeout)?;
         let max_response_bytes = vars.parse(
             "max_response_bytes",
             DEFAULT_MAX_RESPONSE_BYTES,
@@ -308,6 +314,12 @@ impl Config {
             "metrics_port",
             DEFAULT_METRICS_PORT,
             "a port number from 0 to 65535",
+        )?;
+        let metrics_address = vars.parse(
+            "metrics_address",
+            DEFAULT_METRICS_ADDRESS,
+            "an IP address such as 0.0.0.0, 127.0.0.1 or ::",
+            |s| s.parse().ok(),
         )?;
 
         let http_codes = vars.parse(
@@ -369,6 +381,7 @@ impl Config {
             max_response_bytes,
             log,
             metrics_port,
+            metrics_address,
             retry: RetryConfig {
                 http_codes,
                 max_attempts,
@@ -439,7 +452,7 @@ pub fn help() -> String {
         ),
         (
             "drain_timeout",
-            "(upstream_timeout)".into(),
+            "(upstream_timeout + callback_timeout)".into(),
             "grace period for in-flight work on SIGTERM",
         ),
         (
@@ -502,6 +515,11 @@ pub fn help() -> String {
             "metrics_port",
             DEFAULT_METRICS_PORT.to_string(),
             "HTTP port of /metrics, /healthz, /readyz",
+        ),
+        (
+            "metrics_address",
+            DEFAULT_METRICS_ADDRESS.to_string(),
+            "IP address the metrics port binds to",
         ),
     ];
     let mut out = String::from("Environment variables (default in brackets):\n");
@@ -655,7 +673,8 @@ mod tests {
         assert_eq!(c.max_ack_pending, 1000);
         assert_eq!(c.ack_wait, Duration::from_secs(60));
         assert_eq!(c.upstream_timeout, Duration::from_secs(60));
-        assert_eq!(c.drain_timeout, c.upstream_timeout);
+        assert_eq!(c.drain_timeout, c.upstream_timeout + c.callback_timeout);
+        assert_eq!(c.metrics_address.to_string(), "0.0.0.0");
         assert_eq!(c.log.encoding, LogEncoding::Console);
         assert!(!c.log.debug);
         assert_eq!(c.metrics_port, 8081);
@@ -766,6 +785,7 @@ mod tests {
             ("log_encoding", "xml"),
             ("debug", "yes"),
             ("metrics_port", "http"),
+            ("metrics_address", "localhost:8081"),
             ("retry_http_codes", "429,abc"),
             ("retry_http_codes", "42"),
             ("max_retry_attempts", "0"),

@@ -1,10 +1,17 @@
-//! The HTTP endpoint on `metrics_port`: `/metrics`, `/healthz` (liveness) and `/readyz`
-//! (readiness), served by one `tiny_http` thread.
+//! The HTTP endpoint on `metrics_address:metrics_port`: `/metrics`, `/healthz` (liveness) and
+//! `/readyz` (readiness).
+//!
+//! A fixed set of threads accepts and answers one request per connection, each read and write
+//! bounded by a timeout: a flood of connections, half-open or slow ones included, can neither
+//! grow the thread count nor hold a thread for long. (`tiny_http` starts a thread per connection
+//! without a cap and reads without a timeout, hence this small server of our own.)
 
-use std::net::SocketAddr;
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use crate::metrics::Metrics;
 
@@ -55,50 +62,164 @@ impl Health {
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
-}
 
-/// The running endpoint; [`Endpoint::stop`] ends its thread.
-pub struct Endpoint {
-    server: Arc<tiny_http::Server>,
-    handle: JoinHandle<()>,
-}
-
-impl Endpoint {
-    pub fn stop(self) {
-        self.server.unblock();
-        let _ = self.handle.join();
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
     }
 }
 
-/// Binds the port (so a clash fails start-up) and starts serving.
+/// Threads serving the endpoint: at most this many connections are read at once, so a flood
+/// of connections cannot grow the thread count; the others wait in the listen backlog.
+pub const ENDPOINT_THREADS: usize = 4;
+/// Longest time a connection may take to send its request head, and to take the response.
+pub const ENDPOINT_IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head read.
+const MAX_HEAD: usize = 8 * 1024;
+
+/// The running endpoint; [`Endpoint::stop`] ends its threads.
+pub struct Endpoint {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Endpoint {
+    /// Stops accepting and joins the threads, waiting at most for the connections being read
+    /// (each bounded by [`ENDPOINT_IO_TIMEOUT`]).
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Each blocked accept takes one connection and then sees the flag.
+        let target = match self.addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, self.addr.port()).into(),
+            IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, self.addr.port()).into(),
+            _ => self.addr,
+        };
+        for _ in &self.threads {
+            let _ = TcpStream::connect_timeout(&target, Duration::from_millis(200));
+        }
+        let deadline = Instant::now() + ENDPOINT_IO_TIMEOUT + Duration::from_secs(1);
+        for t in self.threads {
+            while !t.is_finished() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// Binds `address:port` (so a clash fails start-up) and starts [`ENDPOINT_THREADS`] threads.
+/// If a thread cannot start, the ones already started are stopped.
 pub fn spawn(
+    address: IpAddr,
     port: u16,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
 ) -> std::io::Result<(SocketAddr, Endpoint)> {
-    let server =
-        Arc::new(tiny_http::Server::http(("0.0.0.0", port)).map_err(std::io::Error::other)?);
-    let addr = server
-        .server_addr()
-        .to_ip()
-        .ok_or_else(|| std::io::Error::other("the endpoint has no IP address"))?;
-    let serving = server.clone();
-    let handle = thread::Builder::new()
-        .name("endpoint".into())
-        .stack_size(256 * 1024)
-        // `unblock()` ends `incoming_requests()`, so the thread needs no polling.
-        .spawn(move || {
-            for request in serving.incoming_requests() {
-                respond(request, &metrics, &health);
+    let listener = TcpListener::bind((address, port))?;
+    let addr = listener.local_addr()?;
+    let mut endpoint = Endpoint {
+        addr,
+        stop: Arc::new(AtomicBool::new(false)),
+        threads: Vec::with_capacity(ENDPOINT_THREADS),
+    };
+    for i in 0..ENDPOINT_THREADS {
+        let started = listener.try_clone().and_then(|listener| {
+            let (metrics, health, stop) = (metrics.clone(), health.clone(), endpoint.stop.clone());
+            thread::Builder::new()
+                .name(format!("endpoint-{i}"))
+                .stack_size(256 * 1024)
+                .spawn(move || serve(&listener, &stop, &metrics, &health))
+        });
+        match started {
+            Ok(handle) => endpoint.threads.push(handle),
+            Err(e) => {
+                endpoint.stop();
+                return Err(e);
             }
-        })?;
-    Ok((addr, Endpoint { server, handle }))
+        }
+    }
+    Ok((addr, endpoint))
 }
 
-fn respond(request: tiny_http::Request, metrics: &Metrics, health: &Health) {
-    let path = request.url().split('?').next().unwrap_or_default();
-    let (status, body, content_type) = match (request.method(), path) {
-        (tiny_http::Method::Get, "/metrics") => {
+fn serve(listener: &TcpListener, stop: &AtomicBool, metrics: &Metrics, health: &Health) {
+    loop {
+        let accepted = listener.accept();
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        match accepted {
+            Ok((stream, _)) => {
+                if let Err(e) = handle(stream, metrics, health) {
+                    log::debug!("metrics endpoint: {e}");
+                }
+            }
+            Err(e) => {
+                // Out of file descriptors, say: do not spin.
+                log::debug!("metrics endpoint: accept failed: {e}");
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Reads one request head within [`ENDPOINT_IO_TIMEOUT`], answers it and closes.
+fn handle(mut stream: TcpStream, metrics: &Metrics, health: &Health) -> std::io::Result<()> {
+    stream.set_write_timeout(Some(ENDPOINT_IO_TIMEOUT))?;
+    let deadline = Instant::now() + ENDPOINT_IO_TIMEOUT;
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || head.len() > MAX_HEAD {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "request head too slow or too large",
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or_default();
+    let (status, body, content_type) = respond(method, path, metrics, health);
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if method != "HEAD" {
+        out.extend_from_slice(body.as_bytes());
+    }
+    stream.write_all(&out)?;
+    stream.flush()
+}
+
+fn respond(
+    method: &str,
+    path: &str,
+    metrics: &Metrics,
+    health: &Health,
+) -> (u16, String, &'static str) {
+    if method != "GET" && method != "HEAD" {
+        return (405, "method not allowed\n".to_string(), "text/plain");
+    }
+    match path {
+        "/metrics" => {
             metrics.ready.set(i64::from(health.ready().is_ok()));
             (
                 200,
@@ -106,23 +227,14 @@ fn respond(request: tiny_http::Request, metrics: &Metrics, health: &Health) {
                 "text/plain; version=0.0.4; charset=utf-8",
             )
         }
-        (tiny_http::Method::Get, "/healthz") => match health.alive() {
+        "/healthz" => match health.alive() {
             true => (200, "ok\n".to_string(), "text/plain"),
             false => (503, "a worker loop stopped\n".to_string(), "text/plain"),
         },
-        (tiny_http::Method::Get, "/readyz") => match health.ready() {
+        "/readyz" => match health.ready() {
             Ok(()) => (200, "ok\n".to_string(), "text/plain"),
             Err(why) => (503, format!("{why}\n"), "text/plain"),
         },
-        (tiny_http::Method::Get, _) => (404, "not found\n".to_string(), "text/plain"),
-        _ => (405, "method not allowed\n".to_string(), "text/plain"),
-    };
-    let header =
-        tiny_http::Header::from_bytes("Content-Type", content_type).expect("a valid static header");
-    let response = tiny_http::Response::from_string(body)
-        .with_status_code(status)
-        .with_header(header);
-    if let Err(e) = request.respond(response) {
-        log::debug!("metrics endpoint: writing a response failed: {e}");
+        _ => (404, "not found\n".to_string(), "text/plain"),
     }
 }

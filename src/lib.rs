@@ -44,8 +44,15 @@ use timer::Timer;
 
 /// Stack of a worker thread: enough for HTTP, TLS and JSON, small enough for 512 threads.
 const WORKER_STACK: usize = 512 * 1024;
-/// How often the queue counters are read from the server.
+/// How often the monitor checks that the stream and consumer still exist.
 const MONITOR_EVERY: Duration = Duration::from_secs(5);
+/// After `drain_timeout`, how long work whose function has returned may take to finish its
+/// callback and ack.
+const FINISH_GRACE: Duration = Duration::from_secs(2);
+/// How long the last flush may wait for the server to confirm the acks and hand-backs.
+const FINAL_FLUSH: Duration = Duration::from_secs(2);
+/// How long the timer and monitor threads get to end once told to.
+const JOIN_GRACE: Duration = Duration::from_secs(1);
 
 /// Why the worker stopped with an error. [`Error::exit_code`] maps it to the process status.
 #[derive(Debug)]
@@ -64,12 +71,17 @@ pub enum Error {
     Fatal(String),
     /// A subcommand failed.
     Command(String),
+    /// Stopped on request, but the drain did not complete (exit code 3): work still running
+    /// at `drain_timeout` was handed back, or the server did not confirm the last acks. What
+    /// was not acked is redelivered.
+    DrainIncomplete(String),
 }
 
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Usage(_) => 2,
+            Error::DrainIncomplete(_) => 3,
             _ => 1,
         }
     }
@@ -81,12 +93,16 @@ impl fmt::Display for Error {
             Error::Config(e) => write!(f, "configuration: {e}"),
             Error::Usage(e) => write!(f, "{e}"),
             Error::Endpoint { port, .. } => {
-                write!(f, "cannot serve metrics on port {port} (metrics_port)")
+                write!(
+                    f,
+                    "cannot serve metrics on port {port} (metrics_address, metrics_port)"
+                )
             }
             Error::Spawn(_) => write!(f, "cannot start a thread"),
             Error::Broker(e) => write!(f, "NATS: {e}"),
             Error::Fatal(why) => write!(f, "stopped: {why}"),
             Error::Command(why) => write!(f, "{why}"),
+            Error::DrainIncomplete(why) => write!(f, "drain incomplete: {why}"),
         }
     }
 }
@@ -159,19 +175,47 @@ struct Threads {
     monitor: JoinHandle<()>,
 }
 
+/// How a drain ended.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Drained {
+    /// Invocations still running at `drain_timeout`, handed back.
+    handed_back: usize,
+    /// Worker threads that had not finished at the end (their work is redelivered).
+    unfinished: usize,
+}
+
+/// Waits until every handle in `threads` has finished or `deadline` has passed; joins the
+/// finished ones and returns how many were left running.
+fn join_until(threads: Vec<JoinHandle<()>>, deadline: Instant) -> usize {
+    while Instant::now() < deadline && threads.iter().any(|t| !t.is_finished()) {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let (done, stuck): (Vec<_>, Vec<_>) = threads.into_iter().partition(|t| t.is_finished());
+    for t in done {
+        let _ = t.join();
+    }
+    stuck.len()
+}
+
 /// Runs the worker until `shutdown` receives (SIGTERM) or a fatal error. In-flight invocations
 /// are drained for up to `drain_timeout`; waiting retries are handed back to the server.
 pub fn run(config: Config, shutdown: Receiver<()>) -> Result<(), Error> {
     let started = Instant::now();
     let metrics = Arc::new(Metrics::new(&config.subject).map_err(|e| Error::Fatal(e.to_string()))?);
     let health = Arc::new(Health::default());
-    let (addr, endpoint) = endpoint::spawn(config.metrics_port, metrics.clone(), health.clone())
-        .map_err(|source| Error::Endpoint {
-            port: config.metrics_port,
-            source,
-        })?;
+    let (addr, endpoint) = endpoint::spawn(
+        config.metrics_address,
+        config.metrics_port,
+        metrics.clone(),
+        health.clone(),
+    )
+    .map_err(|source| Error::Endpoint {
+        port: config.metrics_port,
+        source,
+    })?;
     log::info!("serving /metrics, /healthz and /readyz on {addr}");
     let result = serve(&config, &metrics, &health, &shutdown, started);
+    metrics.set_queue_reader(None);
     endpoint.stop();
     result
 }
@@ -211,15 +255,26 @@ fn serve(
         log::warn!("{warning}");
     }
     health.set_bound(true);
-    if let Ok(s) = broker.queue_state(&spec.stream, &spec.durable) {
-        metrics.observe_queue(s.messages, s.last_seq, s.pending, s.ack_pending);
-    }
+    metrics.set_queue_reader(Some(queue_reader(&broker, &spec, health)));
 
     // Everything that can fail is made before the first worker thread starts.
     let pullers = (0..config.max_inflight.get())
         .map(|_| broker.puller(&spec))
-        .collect::<Result<Vec<_>, _>>()?;
-    let (timer, timer_handle) = Timer::spawn(bound.ack_wait).map_err(Error::Spawn)?;
+        .collect::<Result<Vec<_>, _>>();
+    let pullers = match pullers {
+        Ok(p) => p,
+        Err(e) => {
+            broker.shutdown(FINAL_FLUSH);
+            return Err(e.into());
+        }
+    };
+    let (timer, timer_handle) = match Timer::spawn(bound.ack_wait) {
+        Ok(t) => t,
+        Err(e) => {
+            broker.shutdown(FINAL_FLUSH);
+            return Err(Error::Spawn(e));
+        }
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let resolver = invoke::CachingResolver::default();
     let shared = Arc::new(worker::Shared {
@@ -243,35 +298,29 @@ fn serve(
                     let _ = fatal.try_send(format!("worker {i}: {e}"));
                 }
             });
-        match spawned {
-            Ok(handle) => workers.push(handle),
-            Err(e) => {
-                // Stop what already runs, then report.
-                stop.store(true, Ordering::SeqCst);
-                broker.wake_pullers();
-                timer.stop();
-                return Err(Error::Spawn(e));
-            }
+        if let Err(e) = spawned {
+            // Stop what already runs, then report.
+            stop_started(&broker, &stop, &timer, timer_handle, workers);
+            return Err(Error::Spawn(e));
         }
+        workers.extend(spawned.ok());
     }
     let (monitor_stop_tx, monitor_stop_rx) = crossbeam_channel::bounded::<()>(1);
-    let monitor = {
-        let (broker, metrics, health) = (broker.clone(), metrics.clone(), health.clone());
+    let spawned = {
+        let (broker, health) = (broker.clone(), health.clone());
         let spec = spec.clone();
         thread::Builder::new()
             .name("monitor".into())
             .stack_size(256 * 1024)
-            .spawn(move || {
-                monitor(
-                    &broker,
-                    &spec,
-                    &metrics,
-                    &health,
-                    &monitor_stop_rx,
-                    &reconnect_rx,
-                )
-            })
-            .map_err(Error::Spawn)?
+            .spawn(move || monitor(&broker, &spec, &health, &monitor_stop_rx, &reconnect_rx))
+    };
+    let monitor = match spawned {
+        Ok(m) => m,
+        Err(e) => {
+            drop(shared);
+            stop_started(&broker, &stop, &timer, timer_handle, workers);
+            return Err(Error::Spawn(e));
+        }
     };
     log::info!(
         "ready in {} ms: {} worker(s) pulling {}/{} (subject {}), invoking {}",
@@ -292,7 +341,7 @@ fn serve(
         }
     };
     drop(shared);
-    drain(
+    let drained = drain(
         config,
         &broker,
         health,
@@ -305,14 +354,89 @@ fn serve(
         },
         monitor_stop_tx,
     );
-    match Arc::try_unwrap(broker) {
-        Ok(broker) => broker.close(),
-        Err(broker) => broker.flush(),
+    // Acks and hand-backs reach the server, or the deadline passes: never longer. While
+    // disconnected there is nobody to confirm them.
+    let confirmed = broker.shutdown(if health.connected() {
+        FINAL_FLUSH
+    } else {
+        Duration::ZERO
+    });
+    log::info!("stopped");
+    result?;
+    if drained == Drained::default() && confirmed {
+        return Ok(());
     }
-    result
+    let mut why = Vec::new();
+    if drained.handed_back > 0 {
+        why.push(format!(
+            "{} invocation(s) still running at drain_timeout were handed back",
+            drained.handed_back
+        ));
+    }
+    if drained.unfinished > drained.handed_back {
+        why.push(format!(
+            "{} worker thread(s) had not finished",
+            drained.unfinished
+        ));
+    }
+    if !confirmed {
+        why.push(format!(
+            "NATS did not confirm the last acks within {FINAL_FLUSH:?}; unconfirmed ones are redelivered"
+        ));
+    }
+    Err(Error::DrainIncomplete(why.join("; ")))
 }
 
-/// Stops pulling, waits for running invocations, hands back what is left, joins every thread.
+/// Reads the queue gauges for a scrape: from the server while connected, else nothing (the
+/// gauges keep their last values rather than make the scrape wait for an absent server).
+fn queue_reader(
+    broker: &Arc<Broker>,
+    spec: &QueueSpec,
+    health: &Arc<Health>,
+) -> metrics::QueueReader {
+    let (broker, health) = (broker.clone(), health.clone());
+    let (stream, durable) = (spec.stream.clone(), spec.durable.clone());
+    Arc::new(move || {
+        if !health.connected() {
+            return None;
+        }
+        match broker.queue_state(&stream, &durable) {
+            Ok(s) => Some(metrics::QueueCounters {
+                pending: s.pending,
+                ack_pending: s.ack_pending,
+                submitted: s.last_seq,
+            }),
+            Err(e) => {
+                log::debug!("reading the queue state for /metrics failed: {e}");
+                None
+            }
+        }
+    })
+}
+
+/// A later start-up step failed: stops the worker threads and the timer that already run,
+/// each within a deadline, and the connection.
+fn stop_started(
+    broker: &Broker,
+    stop: &AtomicBool,
+    timer: &Timer,
+    timer_handle: JoinHandle<()>,
+    workers: Vec<JoinHandle<()>>,
+) {
+    stop.store(true, Ordering::SeqCst);
+    broker.wake_pullers();
+    let left = join_until(workers, Instant::now() + JOIN_GRACE);
+    timer.stop();
+    let left = left + join_until(vec![timer_handle], Instant::now() + JOIN_GRACE);
+    if left > 0 {
+        log::warn!("{left} thread(s) did not stop in time");
+    }
+    broker.shutdown(FINAL_FLUSH);
+}
+
+/// Stops pulling, waits up to `drain_timeout` for running invocations, hands back waiting
+/// retries at once and, at the deadline, the invocations whose function is still running; then
+/// ends every thread, each wait with a deadline of its own. Never waits on NATS.
 #[allow(clippy::too_many_arguments)]
 fn drain(
     config: &Config,
@@ -322,10 +446,11 @@ fn drain(
     timer: &Timer,
     threads: Threads,
     monitor_stop: Sender<()>,
-) {
+) -> Drained {
     health.set_draining();
     stop.store(true, Ordering::SeqCst);
     broker.wake_pullers();
+    let _ = monitor_stop.try_send(());
     let (running, _) = timer.counts();
     let released = timer.drain();
     log::info!(
@@ -333,25 +458,42 @@ fn drain(
         config.drain_timeout
     );
     let deadline = Instant::now() + config.drain_timeout;
-    let mut workers = threads.workers;
+    let workers = threads.workers;
     while Instant::now() < deadline && workers.iter().any(|w| !w.is_finished()) {
         thread::sleep(Duration::from_millis(10));
     }
-    let (done, stuck): (Vec<_>, Vec<_>) = workers.drain(..).partition(|w| w.is_finished());
-    for w in done {
-        let _ = w.join();
-    }
-    if !stuck.is_empty() {
+    // Only work whose function has not returned goes back; the rest may still ack.
+    let handed_back = timer.unreturned();
+    if handed_back > 0 {
         log::warn!(
-            "{} invocation(s) still running after drain_timeout; they are handed back for redelivery",
-            stuck.len()
+            "{handed_back} invocation(s) still running after drain_timeout; they are handed back for redelivery"
         );
     }
     timer.stop();
-    let _ = threads.timer.join();
-    let _ = monitor_stop.send(());
-    let _ = threads.monitor.join();
-    log::info!("stopped");
+    // Threads whose function returned get a little longer to post the callback and ack; the
+    // ones handed back are not waited for.
+    let grace = Instant::now() + FINISH_GRACE;
+    while Instant::now() < grace
+        && workers.iter().filter(|w| !w.is_finished()).count() > handed_back
+    {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let unfinished = join_until(workers, Instant::now());
+    let timer_left = join_until(vec![threads.timer], Instant::now() + JOIN_GRACE);
+    if unfinished > handed_back {
+        log::warn!(
+            "{} worker thread(s) did not finish; what they held is redelivered after ack_wait",
+            unfinished - handed_back
+        );
+    }
+    let monitor_left = join_until(vec![threads.monitor], Instant::now() + JOIN_GRACE);
+    if timer_left + monitor_left > 0 {
+        log::warn!("the timer or monitor thread did not stop in time; leaving it");
+    }
+    Drained {
+        handed_back,
+        unfinished,
+    }
 }
 
 /// Reports a panicking worker thread as fatal, so the process stops instead of running short.
@@ -385,12 +527,11 @@ impl From<&Config> for QueueSpec {
     }
 }
 
-/// Reads the queue counters every few seconds, re-creates a lost stream or consumer, and wakes
-/// the pullers after a reconnect so they pull again at once.
+/// Re-creates a lost stream or consumer (checked every few seconds), and wakes the pullers
+/// after a reconnect so they pull again at once. The queue gauges are read at scrape time.
 fn monitor(
     broker: &Broker,
     spec: &QueueSpec,
-    metrics: &Metrics,
     health: &Health,
     stop: &Receiver<()>,
     reconnected: &Receiver<()>,
@@ -402,27 +543,27 @@ fn monitor(
             recv(reconnected) -> _ => broker.wake_pullers(),
             default(MONITOR_EVERY) => {}
         }
-        match broker.queue_state(&spec.stream, &spec.durable) {
-            Ok(s) => {
-                metrics.observe_queue(s.messages, s.last_seq, s.pending, s.ack_pending);
-                healthy = true;
+        if !health.connected() {
+            continue;
+        }
+        match broker.consumer_exists(&spec.stream, &spec.durable) {
+            Ok(true) => healthy = true,
+            Ok(false) => {
+                health.set_bound(false);
+                match broker.ensure(spec) {
+                    Ok(_) => {
+                        log::warn!("the stream or consumer was gone and has been re-created");
+                        health.set_bound(true);
+                        broker.wake_pullers();
+                    }
+                    Err(e) => log::warn!("re-creating the stream or consumer failed: {e}"),
+                }
             }
             Err(e) => {
                 if healthy {
-                    log::warn!("reading the queue state failed: {e}");
+                    log::warn!("reading the consumer failed: {e}");
                 }
                 healthy = false;
-                if let Ok(false) = broker.consumer_exists(&spec.stream, &spec.durable) {
-                    health.set_bound(false);
-                    match broker.ensure(spec) {
-                        Ok(_) => {
-                            log::warn!("the stream or consumer was gone and has been re-created");
-                            health.set_bound(true);
-                            broker.wake_pullers();
-                        }
-                        Err(e) => log::warn!("re-creating the stream or consumer failed: {e}"),
-                    }
-                }
             }
         }
     }

@@ -1,8 +1,14 @@
 //! Prometheus metrics: the OpenFaaS queue-worker names, plus latency, retries, callbacks and the
 //! process. Function labels are capped so a flood of names cannot grow the series count.
+//!
+//! The queue gauges (pending, ack pending, submitted) are read from the server when `/metrics`
+//! is scraped, at most once a second, so they agree with `queue-worker status`. The
+//! per-function counters that alerts take `increase()` of (retries, given up) exist at 0 from a
+//! function's first invocation: a series born at its first increment reads as no increase.
 
 use std::collections::HashSet;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use prometheus::{
     Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
@@ -12,6 +18,22 @@ use prometheus::{
 /// Distinct `function_name` values before further names are counted as `other`.
 pub const MAX_FUNCTION_LABELS: usize = 100;
 pub const OTHER_FUNCTION: &str = "other";
+
+/// How long queue counters read from the server are reused for further scrapes.
+pub const QUEUE_READ_CACHE: Duration = Duration::from_secs(1);
+
+/// The queue counters as the server reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounters {
+    pub pending: u64,
+    pub ack_pending: u64,
+    /// Messages that ever entered the stream (its last sequence).
+    pub submitted: u64,
+}
+
+/// Reads the queue counters from the server; `None` when it cannot now (then the gauges keep
+/// their last values).
+pub type QueueReader = Arc<dyn Fn() -> Option<QueueCounters> + Send + Sync>;
 
 const DURATION_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -23,7 +45,8 @@ pub struct Metrics {
     queue: String,
     pub pending: IntGauge,
     pub ack_pending: IntGauge,
-    pub submitted: IntCounter,
+    /// A gauge, as OpenFaaS documents it despite the name: the stream's last sequence.
+    pub submitted: IntGauge,
     pub processed: IntCounter,
     inflight: IntGaugeVec,
     pub reconnects: IntCounter,
@@ -36,8 +59,10 @@ pub struct Metrics {
     pub redelivered: IntCounter,
     pub ready: IntGauge,
     functions: RwLock<HashSet<String>>,
-    /// The stream's last sequence seen, to count messages that entered it.
-    last_seq: Mutex<Option<u64>>,
+    queue_reader: Mutex<Option<QueueReader>>,
+    /// When the queue counters were last read; held while reading, so that concurrent scrapes
+    /// wait for one read instead of each making their own.
+    queue_read: Mutex<Option<Instant>>,
 }
 
 impl Metrics {
@@ -66,10 +91,10 @@ impl Metrics {
             ),
             queue_label
         )?);
-        let submitted = register!(IntCounterVec::new(
+        let submitted = register!(IntGaugeVec::new(
             Opts::new(
                 "queue_worker_messages_submitted_total",
-                "Messages that entered the stream, seen from this worker"
+                "Messages that ever entered the stream (its last sequence; a gauge, as in OpenFaaS)"
             ),
             queue_label
         )?);
@@ -165,7 +190,8 @@ impl Metrics {
             redelivered,
             ready,
             functions: RwLock::new(HashSet::new()),
-            last_seq: Mutex::new(None),
+            queue_reader: Mutex::new(None),
+            queue_read: Mutex::new(None),
         })
     }
 
@@ -181,11 +207,17 @@ impl Metrics {
         if known.contains(name) {
             return name;
         }
-        if known.len() < MAX_FUNCTION_LABELS {
+        let label = if known.len() < MAX_FUNCTION_LABELS {
             known.insert(name.to_string());
-            return name;
-        }
-        OTHER_FUNCTION
+            name
+        } else {
+            OTHER_FUNCTION
+        };
+        // Born at 0 with the first invocation, so that the first retry or give-up is an
+        // increase the alerts see.
+        self.retries.with_label_values(&[label]);
+        self.given_up.with_label_values(&[label]);
+        label
     }
 
     pub fn inflight(&self, function: &str) -> IntGauge {
@@ -212,22 +244,38 @@ impl Metrics {
         self.callbacks.with_label_values(&[result]).inc();
     }
 
-    /// Updates the gauges from the server's counters. The first call counts the messages
-    /// stored then as submitted; later calls add what entered the stream since.
-    pub fn observe_queue(&self, messages: u64, last_seq: u64, pending: u64, ack_pending: u64) {
-        self.pending.set(pending as i64);
-        self.ack_pending.set(ack_pending as i64);
-        let mut seen = self.last_seq.lock().unwrap_or_else(|p| p.into_inner());
-        let new = match *seen {
-            None => messages,
-            Some(before) => last_seq.saturating_sub(before),
-        };
-        self.submitted.inc_by(new);
-        *seen = Some(last_seq);
+    /// Sets the queue gauges from the server's counters.
+    pub fn observe_queue(&self, c: QueueCounters) {
+        self.pending.set(c.pending as i64);
+        self.ack_pending.set(c.ack_pending as i64);
+        self.submitted.set(c.submitted as i64);
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// Where scrapes read the queue counters from (`None`: nowhere, the gauges stay).
+    pub fn set_queue_reader(&self, reader: Option<QueueReader>) {
+        *self.queue_reader.lock().unwrap_or_else(|p| p.into_inner()) = reader;
+    }
+
+    /// Reads the queue counters unless they were read less than [`QUEUE_READ_CACHE`] ago.
+    fn refresh_queue(&self) {
+        let mut last = self.queue_read.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|at| at.elapsed() < QUEUE_READ_CACHE) {
+            return;
+        }
+        let reader = self
+            .queue_reader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(counters) = reader.and_then(|read| read()) {
+            self.observe_queue(counters);
+        }
+        *last = Some(Instant::now());
+    }
+
+    /// The Prometheus text exposition of every metric, with the queue gauges read now.
     pub fn render(&self) -> String {
+        self.refresh_queue();
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             log::warn!("encoding metrics failed: {e}");
@@ -251,13 +299,45 @@ mod tests {
     }
 
     #[test]
+    fn queue_gauges_are_read_at_scrape_time_and_cached() {
+        let m = Metrics::new("q").unwrap();
+        let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = reads.clone();
+        m.set_queue_reader(Some(Arc::new(move || {
+            let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            Some(QueueCounters {
+                pending: n,
+                ack_pending: 0,
+                submitted: 100 * n,
+            })
+        })));
+        let first = m.render();
+        assert!(first.contains("queue_worker_pending_messages{queue_name=\"q\"} 1"));
+        assert!(first.contains("queue_worker_messages_submitted_total{queue_name=\"q\"} 100"));
+        assert!(first.contains("# TYPE queue_worker_messages_submitted_total gauge"));
+        // A second scrape within the cache time reads nothing new.
+        m.render();
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // A reader that cannot read leaves the last values.
+        *m.queue_read.lock().unwrap() = None;
+        m.set_queue_reader(Some(Arc::new(|| None)));
+        assert!(m
+            .render()
+            .contains("queue_worker_pending_messages{queue_name=\"q\"} 1"));
+    }
+
+    #[test]
     fn renders_openfaas_names() {
         let m = Metrics::new("faas-request").unwrap();
         m.processed.inc();
-        m.observe_invocation("echo", "200", 0.02);
+        let echo = m.function_label("echo");
+        m.observe_invocation(echo, "200", 0.02);
         m.inflight("echo").inc();
-        m.observe_queue(5, 10, 3, 1);
-        m.observe_queue(5, 12, 3, 1);
+        m.observe_queue(QueueCounters {
+            pending: 3,
+            ack_pending: 1,
+            submitted: 7,
+        });
         let text = m.render();
         for line in [
             "queue_worker_messages_processed_total{queue_name=\"faas-request\"} 1",
@@ -266,6 +346,8 @@ mod tests {
             "queue_worker_pending_messages{queue_name=\"faas-request\"} 3",
             "queue_worker_messages_submitted_total{queue_name=\"faas-request\"} 7",
             "queue_worker_callbacks_total{result=\"ok\"} 0",
+            "queue_worker_given_up_total{function_name=\"echo\"} 0",
+            "queue_worker_retries_total{function_name=\"echo\"} 0",
             "queue_worker_invocation_duration_seconds_bucket{code=\"200\",function_name=\"echo\",le=\"0.025\"} 1",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");

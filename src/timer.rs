@@ -55,6 +55,9 @@ struct Lease {
     touched: Instant,
     /// Set while waiting for a retry.
     due: Option<Instant>,
+    /// The function has returned: what is left (callback, ack) must not be handed back, or
+    /// a finished call would run again.
+    returned: bool,
 }
 
 enum Action {
@@ -112,6 +115,7 @@ impl Timer {
                 ack,
                 touched: now,
                 due: None,
+                returned: false,
             },
         );
         if state.next_sweep.is_none() {
@@ -154,6 +158,23 @@ impl Timer {
         }
     }
 
+    /// The function of a held message has returned; a shutdown no longer hands it back.
+    pub fn returned(&self, id: LeaseId) {
+        if let Some(lease) = self.lock().leases.get_mut(&id.0) {
+            lease.returned = true;
+        }
+    }
+
+    /// Messages whose function is still running.
+    pub fn unreturned(&self) -> usize {
+        let state = self.lock();
+        state
+            .leases
+            .values()
+            .filter(|l| l.due.is_none() && !l.returned)
+            .count()
+    }
+
     /// Messages held now: `(running, waiting for a retry)`.
     pub fn counts(&self) -> (usize, usize) {
         let state = self.lock();
@@ -190,7 +211,9 @@ impl Timer {
         n
     }
 
-    /// Shutdown, last step: the thread hands back whatever is still held and exits.
+    /// Shutdown, last step: the thread hands back every message whose function has not
+    /// returned and exits. Ones that returned are left to their worker thread to ack (or to
+    /// the server's redelivery after ack wait, if the process ends first).
     pub fn stop(&self) {
         self.lock().shutdown = true;
         self.shared.wake.notify_one();
@@ -244,10 +267,16 @@ fn run(shared: &Shared) {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .0;
     }
-    let left: Vec<_> = state
+    let running: Vec<u64> = state
         .leases
-        .drain()
-        .map(|(_, l)| (l.ack, Action::HandBack(Duration::ZERO)))
+        .iter()
+        .filter(|(_, l)| !l.returned)
+        .map(|(id, _)| *id)
+        .collect();
+    let left: Vec<_> = running
+        .into_iter()
+        .filter_map(|id| state.leases.remove(&id))
+        .map(|l| (l.ack, Action::HandBack(Duration::ZERO)))
         .collect();
     drop(state);
     if !left.is_empty() {

@@ -99,6 +99,8 @@ fn handle(s: &Thread<'_>, puller: &mut Puller, delivery: Delivery) {
     inflight.inc();
     let outcome = s.invoker.invoke(&req, &policy);
     inflight.dec();
+    // From here a shutdown must not hand it back: the call would run twice.
+    s.timer.returned(job.lease);
 
     match &outcome {
         Outcome::Done(reply) | Outcome::Permanent(reply) => {
