@@ -113,6 +113,7 @@ struct Run {
     notes: Vec<String>,
     /// Messages called when each fault was injected.
     faults: Vec<String>,
+    fault_times: Vec<Instant>,
     failures: Vec<String>,
 }
 
@@ -132,6 +133,7 @@ impl Run {
             bounds: Vec::new(),
             notes: Vec::new(),
             faults: Vec::new(),
+            fault_times: Vec::new(),
             failures: Vec::new(),
         }
     }
@@ -190,9 +192,55 @@ impl Run {
         let total = self.expected.len();
         self.step(&format!("{what} ({called} of {total} called)"));
         self.faults.push(called.to_string());
+        self.fault_times.push(Instant::now());
         if called >= total {
             self.fail(format!("{what} came after the last message"));
         }
+    }
+
+    /// How the call ids that ran more than once did: when the first call began relative to the
+    /// nearest fault and how long until it ran again, both to 0.1 s.
+    fn describe_duplicates(&self) -> Option<String> {
+        let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+        let mut total = 0;
+        for id in &self.expected {
+            let mut calls: Vec<Instant> = self.tally.calls_of(id).iter().map(|c| c.0).collect();
+            if calls.len() < 2 {
+                continue;
+            }
+            total += 1;
+            calls.sort();
+            let first = calls[0];
+            let fault = self
+                .fault_times
+                .iter()
+                .min_by_key(|&&f| f.max(first) - f.min(first))
+                .map(|&f| {
+                    let (d, side) = if f >= first {
+                        (f - first, "before")
+                    } else {
+                        (first - f, "after")
+                    };
+                    if d < Duration::from_millis(100) {
+                        "began within 0.1 s of a fault".to_string()
+                    } else {
+                        format!("began {:.1} s {side} a fault", d.as_secs_f64())
+                    }
+                })
+                .unwrap_or_else(|| "began".to_string());
+            let again = (calls[1] - first).as_secs_f64();
+            *kinds
+                .entry(format!("{fault}, ran again {again:.1} s later"))
+                .or_default() += 1;
+        }
+        let mut kinds: Vec<(String, usize)> = kinds.into_iter().collect();
+        kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
+        let shown: Vec<String> = kinds
+            .iter()
+            .take(4)
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect();
+        (total > 0).then(|| format!("{total} call id(s) ran twice: {}", shown.join(", ")))
     }
 
     /// Messages queued so far.
@@ -249,6 +297,18 @@ impl Run {
             }
             if start.elapsed() >= deadline {
                 let called = self.tally.seen_of(&self.expected);
+                if !all_called {
+                    last_state = match try_connect(nats_url)
+                        .map(|nc| jetstream(&nc).consumer_info(STREAM, DURABLE))
+                    {
+                        Some(Ok(c)) => format!(
+                            "consumer: {} pending, {} ack pending",
+                            c.num_pending, c.num_ack_pending
+                        ),
+                        Some(Err(e)) => format!("consumer info: {e}"),
+                        None => "NATS unreachable".to_string(),
+                    };
+                }
                 self.fail(format!(
                     "not settled within {deadline:?}: {called} of {} expected messages called; {last_state}",
                     self.expected.len()
@@ -328,6 +388,9 @@ impl Run {
         if !self.faults.is_empty() {
             let at = format!("faults at {} of {sent} called", self.faults.join(", "));
             self.notes.insert(0, at);
+        }
+        if let Some(d) = self.describe_duplicates() {
+            self.notes.push(d);
         }
         let result = if self.failures.is_empty() {
             "ok".to_string()
@@ -566,6 +629,7 @@ fn c06_client_connections_cut() {
         run.wait_settled(&nats.url(), SETTLE_DEADLINE, || alive(&worker));
         let worst = sampler.stop();
         run.note(format!("max ack_pending seen {worst}"));
+
         if worst > MAX_INFLIGHT as u64 {
             run.fail(format!("ack_pending reached {worst}"));
         }
