@@ -240,7 +240,12 @@ impl Run {
             .take(4)
             .map(|(k, n)| format!("{n} {k}"))
             .collect();
-        (total > 0).then(|| format!("{total} call id(s) ran twice: {}", shown.join(", ")))
+        (total > 0).then(|| {
+            format!(
+                "{total} call id(s) ran more than once: {}",
+                shown.join(", ")
+            )
+        })
     }
 
     /// Messages queued so far.
