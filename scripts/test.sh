@@ -13,8 +13,17 @@ say() { printf '\n== %s\n' "$*"; }
 # shellcheck source=scripts/nats-servers.sh
 . scripts/nats-servers.sh
 
+# promtool runs the alert rules' unit tests in scripts/check-deploy-files.sh.
+ensure_promtool() {
+  if command -v promtool >/dev/null; then return; fi
+  say "installing promtool (Debian's prometheus package)"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+}
+
 command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }
 ensure_nats_servers
+ensure_promtool
 
 filter=()
 if [ "${1:-}" = "--" ]; then shift; filter=("$@"); fi

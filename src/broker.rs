@@ -116,6 +116,7 @@ pub struct Broker {
     wakes: Mutex<Vec<Sender<()>>>,
     /// Refused pull requests, shared by the pullers so that each condition is logged once.
     refusals: Arc<Refusals>,
+    ledger: Arc<AckLedger>,
     /// Bumped on every reconnect: pull requests made before it may be gone with the server.
     generation: Arc<AtomicU64>,
 }
@@ -239,7 +240,8 @@ impl Broker {
             })?;
         gate.store(true, Ordering::SeqCst);
         let inbox = nc.new_inbox();
-        let flusher = Flusher::spawn(&nc).map_err(|source| BrokerError::Connect {
+        let ledger = Arc::new(AckLedger::default());
+        let flusher = Flusher::spawn(&nc, &ledger).map_err(|source| BrokerError::Connect {
             urls: joined.clone(),
             source,
         })?;
@@ -250,6 +252,7 @@ impl Broker {
             inbox,
             wakes: Mutex::new(Vec::new()),
             refusals: Arc::new(Refusals::default()),
+            ledger,
             generation,
         })
     }
@@ -434,6 +437,7 @@ impl Broker {
             inboxes: 0,
             wake,
             refusals: self.refusals.clone(),
+            ledger: self.ledger.clone(),
             refused: None,
             pull_subject: format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", spec.stream, spec.durable),
             ack_next: [b"+NXT ".as_slice(), &request].concat(),
@@ -445,6 +449,11 @@ impl Broker {
             generation: self.generation.clone(),
             seen_generation: self.generation.load(Ordering::SeqCst),
         })
+    }
+
+    /// Pull requests the server refused so far (409 and other statuses that end a request).
+    pub fn refused_pulls(&self) -> u64 {
+        self.refusals.total.load(Ordering::Relaxed)
     }
 
     /// Wakes every idle puller at once, so that it sees shutdown or re-pulls after a reconnect.
@@ -548,18 +557,21 @@ impl Broker {
 
     /// The last step of a shutdown, bounded whatever the server does (down, half-open, slow):
     /// stops the flusher, flushes what is buffered (acks, hand-backs) and closes the connection.
-    /// Returns whether the server confirmed it has everything within `within`; otherwise what
-    /// was not confirmed is redelivered after ack wait. The crate's flush and close may never
+    /// Returns whether the server has confirmed every ack, hand-back and termination (by now
+    /// or by an earlier flush); otherwise what was not confirmed is redelivered. The crate's flush and close may never
     /// return (a PONG that never comes, a reconnect thread that never ends): they run on helper
     /// threads that are left behind at the deadline and end with the process.
     pub fn shutdown(&self, within: Duration) -> bool {
         self.flusher.stop();
-        let confirmed = self.flush_within(within);
+        let mark = self.ledger.mark();
+        if self.flush_within(within) {
+            self.ledger.confirm(mark);
+        }
         let nc = self.nc.clone();
         if within_deadline("nats-close", CLOSE_WAIT, move || nc.close()).is_none() {
             log::debug!("the NATS client did not close within {CLOSE_WAIT:?}; leaving it");
         }
-        confirmed
+        self.ledger.all_confirmed()
     }
 }
 
@@ -587,11 +599,16 @@ fn within_deadline<T: Send + 'static>(
 /// Which refusals (409 and others) pullers are under now, by status and description: a
 /// condition is logged when the first puller meets it and when the last one is out of it.
 #[derive(Default)]
-struct Refusals(Mutex<HashMap<String, usize>>);
+struct Refusals {
+    /// Pullers under each refusal now.
+    now: Mutex<HashMap<String, usize>>,
+    /// Every refused pull request so far.
+    total: AtomicU64,
+}
 
 impl Refusals {
     fn enter(&self, what: &str) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.now.lock().unwrap_or_else(|p| p.into_inner());
         let count = map.entry(what.to_string()).or_insert(0);
         *count += 1;
         if *count == 1 {
@@ -602,7 +619,7 @@ impl Refusals {
     }
 
     fn leave(&self, what: &str) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.now.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(count) = map.get_mut(what) {
             *count -= 1;
             if *count == 0 {
@@ -642,17 +659,21 @@ impl FlushHandle {
 }
 
 impl Flusher {
-    fn spawn(nc: &nats::Connection) -> io::Result<Flusher> {
+    fn spawn(nc: &nats::Connection, ledger: &Arc<AckLedger>) -> io::Result<Flusher> {
         let (kick, kicked) = crossbeam_channel::bounded::<()>(1);
         let stop = Arc::new(AtomicBool::new(false));
         let nc = nc.clone();
+        let ledger = ledger.clone();
         let stopped = stop.clone();
         let handle = std::thread::Builder::new()
             .name("flusher".into())
             .stack_size(128 * 1024)
             .spawn(move || {
                 while kicked.recv().is_ok() && !stopped.load(Ordering::SeqCst) {
-                    let _ = nc.flush_timeout(FLUSH_TIMEOUT);
+                    let mark = ledger.mark();
+                    if nc.flush_timeout(FLUSH_TIMEOUT).is_ok() {
+                        ledger.confirm(mark);
+                    }
                 }
             })?;
         Ok(Flusher {
@@ -817,6 +838,7 @@ pub struct Puller {
     inboxes: u64,
     wake: Receiver<()>,
     refusals: Arc<Refusals>,
+    ledger: Arc<AckLedger>,
     /// The refusal this puller is under (see [`Refusals`]).
     refused: Option<String>,
     /// The reply subject of the latest request, `<base>.<g>.<seq>`, rewritten in place.
@@ -852,7 +874,10 @@ impl Puller {
             }
             let (current, deadline) = match self.current {
                 Some(c) => c,
-                None => self.request_one(),
+                None => {
+                    self.hand_back_strays();
+                    self.request_one()
+                }
             };
             let wait = deadline.saturating_duration_since(Instant::now());
             let msg = crossbeam_channel::select! {
@@ -884,14 +909,14 @@ impl Puller {
             if current == 0 {
                 // Pausing, no request in flight: nobody asked for it. Holding it would let its
                 // ack window run out unleased, and the server would deliver it again.
-                hand_back_unrequested(&msg);
+                hand_back_unrequested(&msg, &self.ledger);
                 continue;
             }
             // Messages keep their stream subject, so which request one answers cannot
             // be told; every request asks for one message, so it ends the one in flight.
             self.current = None;
             self.accepted();
-            return Ok(Some(Delivery::new(msg)));
+            return Ok(Some(Delivery::new(msg, &self.ledger)));
         }
     }
 
@@ -925,7 +950,7 @@ impl Puller {
                 asked = false;
                 taken = Some(msg);
             } else {
-                hand_back_unrequested(&msg);
+                hand_back_unrequested(&msg, &self.ledger);
             }
         }
         if let Err(e) = old.unsubscribe() {
@@ -935,7 +960,18 @@ impl Puller {
         if taken.is_some() {
             self.accepted();
         }
-        Ok(taken.map(Delivery::new))
+        Ok(taken.map(|msg| Delivery::new(msg, &self.ledger)))
+    }
+
+    /// With no request in flight, whatever waits in the subscription was not asked for (a
+    /// delivery for a request given up, which came while this thread was busy): hand it back
+    /// now, before a new request, so it is not taken for the answer to that one.
+    fn hand_back_strays(&mut self) {
+        while let Ok(msg) = self.sub.receiver().try_recv() {
+            if status_of(&msg).is_none() && msg.reply.is_some() {
+                hand_back_unrequested(&msg, &self.ledger);
+            }
+        }
     }
 
     /// Acks a finished message and asks for the next one in the same protocol message
@@ -951,7 +987,9 @@ impl Puller {
         };
         // A reconnect after this point is seen by `next`, which then pulls again.
         self.seen_generation = self.generation.load(Ordering::SeqCst);
-        self.current = Some(self.send(Some(subject))?);
+        self.hand_back_strays();
+        let sent = self.send(Some(subject));
+        self.current = Some(self.ledger.record(sent)?);
         Ok(())
     }
 
@@ -999,6 +1037,7 @@ impl Puller {
                     .cloned()
                     .unwrap_or_default();
                 let what = format!("{status} {description}");
+                self.refusals.total.fetch_add(1, Ordering::Relaxed);
                 if self.refused.as_deref() != Some(what.as_str()) {
                     self.accepted();
                     self.refusals.enter(&what);
@@ -1026,14 +1065,14 @@ impl Drop for Puller {
 }
 
 /// Hands a delivery nobody asked for back to the server at once, for another puller.
-fn hand_back_unrequested(msg: &nats::Message) {
+fn hand_back_unrequested(msg: &nats::Message, ledger: &AckLedger) {
     let seq = msg
         .reply
         .as_deref()
         .and_then(parse_ack_subject)
         .map_or(0, |(seq, _)| seq);
     log::debug!(stream_seq = seq; "handing back a delivery no pull request of this thread asked for");
-    if let Err(e) = msg.ack_kind(AckKind::Nak) {
+    if let Err(e) = ledger.record(msg.ack_kind(AckKind::Nak)) {
         log::debug!(stream_seq = seq; "could not hand back an unrequested delivery: {e}");
     }
 }
@@ -1049,7 +1088,7 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    fn new(mut msg: nats::Message) -> Delivery {
+    fn new(mut msg: nats::Message, ledger: &Arc<AckLedger>) -> Delivery {
         let data = std::mem::take(&mut msg.data);
         let (stream_seq, delivered) = msg
             .reply
@@ -1058,7 +1097,7 @@ impl Delivery {
             .unwrap_or((0, 1));
         Delivery {
             data,
-            ack: AckHandle(msg),
+            ack: AckHandle(msg, ledger.clone()),
             stream_seq,
             delivered,
         }
@@ -1090,12 +1129,12 @@ fn parse_ack_subject(reply: &str) -> Option<(u64, u32)> {
 
 /// Acknowledges one delivered message; cheap to clone (no payload).
 #[derive(Clone)]
-pub struct AckHandle(nats::Message);
+pub struct AckHandle(nats::Message, Arc<AckLedger>);
 
 impl AckHandle {
     /// Done: the server forgets the message.
     pub fn ack(&self) -> io::Result<()> {
-        self.0.ack()
+        self.1.record(self.0.ack())
     }
 
     /// Still working on it: restarts the ack wait.
@@ -1105,17 +1144,56 @@ impl AckHandle {
 
     /// Hand it back for redelivery, now or after `delay`.
     pub fn nak(&self, delay: Duration) -> io::Result<()> {
-        if delay.is_zero() {
+        self.1.record(if delay.is_zero() {
             self.0.ack_kind(AckKind::Nak)
         } else {
             self.0
                 .respond(format!("-NAK {{\"delay\":{}}}", delay.as_nanos()))
-        }
+        })
     }
 
     /// Never deliver it again.
     pub fn term(&self) -> io::Result<()> {
-        self.0.ack_kind(AckKind::Term)
+        self.1.record(self.0.ack_kind(AckKind::Term))
+    }
+}
+
+/// Acks, hand-backs and terminations written to the client, and how many of them the server
+/// has confirmed (a PONG after them): at shutdown, whether everything reached the server.
+/// In-progress acks are not counted; a lost one only costs a redelivery of work that ends
+/// being acked or handed back anyway.
+#[derive(Default)]
+struct AckLedger {
+    written: AtomicU64,
+    confirmed: AtomicU64,
+    /// An ack could not even be written: its message is redelivered.
+    failed: AtomicBool,
+}
+
+impl AckLedger {
+    /// Counts an ack after it was written (so that a later flush's PING follows it).
+    fn record<T>(&self, result: io::Result<T>) -> io::Result<T> {
+        match &result {
+            Ok(_) => {
+                self.written.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(_) => self.failed.store(true, Ordering::SeqCst),
+        }
+        result
+    }
+
+    /// Take before a flush; pass to [`AckLedger::confirm`] once it succeeded.
+    fn mark(&self) -> u64 {
+        self.written.load(Ordering::SeqCst)
+    }
+
+    fn confirm(&self, mark: u64) {
+        self.confirmed.fetch_max(mark, Ordering::SeqCst);
+    }
+
+    fn all_confirmed(&self) -> bool {
+        !self.failed.load(Ordering::SeqCst)
+            && self.confirmed.load(Ordering::SeqCst) >= self.written.load(Ordering::SeqCst)
     }
 }
 

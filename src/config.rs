@@ -853,6 +853,7 @@ mod tests {
             "log_encoding",
             "debug",
             "metrics_port",
+            "metrics_address",
             "retry_http_codes",
             "max_retry_attempts",
             "initial_retry_wait",

@@ -1,17 +1,22 @@
 //! The HTTP endpoint on `metrics_address:metrics_port`: `/metrics`, `/healthz` (liveness) and
 //! `/readyz` (readiness).
 //!
-//! A fixed set of threads accepts and answers one request per connection, each read and write
-//! bounded by a timeout: a flood of connections, half-open or slow ones included, can neither
-//! grow the thread count nor hold a thread for long. (`tiny_http` starts a thread per connection
+//! One thread accepts connections and reads their request heads without blocking on any (each
+//! has [`ENDPOINT_IO_TIMEOUT`] to send it, at most [`MAX_PENDING_CONNECTIONS`] at once), and a
+//! fixed set of threads answers them, one request per connection, writes bounded by the same
+//! timeout: a flood of connections, half-open or slow ones included, can neither grow the
+//! thread count nor keep a probe from being answered. (`tiny_http` starts a thread per connection
 //! without a cap and reads without a timeout, hence this small server of our own.)
 
+use std::collections::VecDeque;
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
 
 use crate::metrics::Metrics;
 
@@ -68,13 +73,16 @@ impl Health {
     }
 }
 
-/// Threads serving the endpoint: at most this many connections are read at once, so a flood
-/// of connections cannot grow the thread count; the others wait in the listen backlog.
+/// Threads answering requests (rendering `/metrics` may wait for the server's counters).
 pub const ENDPOINT_THREADS: usize = 4;
+/// Connections whose request head is still being read; past it the oldest is dropped.
+pub const MAX_PENDING_CONNECTIONS: usize = 256;
 /// Longest time a connection may take to send its request head, and to take the response.
 pub const ENDPOINT_IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head read.
 const MAX_HEAD: usize = 8 * 1024;
+/// How often the reading thread looks at connections that sent part of a head.
+const POLL: Duration = Duration::from_millis(5);
 
 /// The running endpoint; [`Endpoint::stop`] ends its threads.
 pub struct Endpoint {
@@ -84,19 +92,17 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Stops accepting and joins the threads, waiting at most for the connections being read
+    /// Stops accepting and joins the threads, waiting at most for responses being written
     /// (each bounded by [`ENDPOINT_IO_TIMEOUT`]).
     pub fn stop(self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Each blocked accept takes one connection and then sees the flag.
+        // A blocked accept takes this connection and then sees the flag.
         let target = match self.addr.ip() {
             IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, self.addr.port()).into(),
             IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, self.addr.port()).into(),
             _ => self.addr,
         };
-        for _ in &self.threads {
-            let _ = TcpStream::connect_timeout(&target, Duration::from_millis(200));
-        }
+        let _ = TcpStream::connect_timeout(&target, Duration::from_millis(200));
         let deadline = Instant::now() + ENDPOINT_IO_TIMEOUT + Duration::from_secs(1);
         for t in self.threads {
             while !t.is_finished() && Instant::now() < deadline {
@@ -109,8 +115,16 @@ impl Endpoint {
     }
 }
 
-/// Binds `address:port` (so a clash fails start-up) and starts [`ENDPOINT_THREADS`] threads.
-/// If a thread cannot start, the ones already started are stopped.
+/// A request ready to answer.
+struct Job {
+    stream: TcpStream,
+    method: String,
+    path: String,
+}
+
+/// Binds `address:port` (so a clash fails start-up) and starts one thread reading request
+/// heads and [`ENDPOINT_THREADS`] answering them: a fixed number of threads whatever the
+/// clients do. If a thread cannot start, the ones already started are stopped.
 pub fn spawn(
     address: IpAddr,
     port: u16,
@@ -122,75 +136,167 @@ pub fn spawn(
     let mut endpoint = Endpoint {
         addr,
         stop: Arc::new(AtomicBool::new(false)),
-        threads: Vec::with_capacity(ENDPOINT_THREADS),
+        threads: Vec::with_capacity(ENDPOINT_THREADS + 1),
     };
+    let (jobs_tx, jobs) = crossbeam_channel::bounded::<Job>(ENDPOINT_THREADS * 4);
     for i in 0..ENDPOINT_THREADS {
-        let started = listener.try_clone().and_then(|listener| {
-            let (metrics, health, stop) = (metrics.clone(), health.clone(), endpoint.stop.clone());
-            thread::Builder::new()
-                .name(format!("endpoint-{i}"))
-                .stack_size(256 * 1024)
-                .spawn(move || serve(&listener, &stop, &metrics, &health))
-        });
+        let (metrics, health, jobs) = (metrics.clone(), health.clone(), jobs.clone());
+        let started = thread::Builder::new()
+            .name(format!("endpoint-{i}"))
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                for job in jobs {
+                    if let Err(e) = answer(job, &metrics, &health) {
+                        log::debug!("metrics endpoint: writing a response failed: {e}");
+                    }
+                }
+            });
         match started {
             Ok(handle) => endpoint.threads.push(handle),
             Err(e) => {
+                drop(jobs_tx);
                 endpoint.stop();
                 return Err(e);
             }
         }
     }
+    let stop = endpoint.stop.clone();
+    let started = thread::Builder::new()
+        .name("endpoint".into())
+        .stack_size(256 * 1024)
+        .spawn(move || read_heads(&listener, &stop, &jobs_tx));
+    match started {
+        Ok(handle) => endpoint.threads.push(handle),
+        Err(e) => {
+            // The answering threads end when the channel's sender is gone.
+            endpoint.stop();
+            return Err(e);
+        }
+    }
     Ok((addr, endpoint))
 }
 
-fn serve(listener: &TcpListener, stop: &AtomicBool, metrics: &Metrics, health: &Health) {
-    loop {
-        let accepted = listener.accept();
-        if stop.load(Ordering::SeqCst) {
-            return;
+/// A connection whose request head is being read.
+struct Pending {
+    stream: TcpStream,
+    head: Vec<u8>,
+    deadline: Instant,
+}
+
+/// Accepts connections and reads their request heads without ever blocking on one: each
+/// must send its head within [`ENDPOINT_IO_TIMEOUT`], at most [`MAX_PENDING_CONNECTIONS`] are
+/// read at once (the oldest is dropped), and complete ones go to the answering threads.
+/// Blocks in `accept` while nothing is pending, so an idle endpoint costs no wake-ups.
+fn read_heads(listener: &TcpListener, stop: &AtomicBool, jobs: &Sender<Job>) {
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::SeqCst) {
+        let blocking = pending.is_empty();
+        if listener.set_nonblocking(!blocking).is_err() {
+            thread::sleep(POLL);
         }
-        match accepted {
-            Ok((stream, _)) => {
-                if let Err(e) = handle(stream, metrics, health) {
-                    log::debug!("metrics endpoint: {e}");
+        let mut progressed = false;
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    progressed = true;
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    if pending.len() >= MAX_PENDING_CONNECTIONS {
+                        pending.pop_front();
+                    }
+                    pending.push_back(Pending {
+                        stream,
+                        head: Vec::new(),
+                        deadline: Instant::now() + ENDPOINT_IO_TIMEOUT,
+                    });
+                    if blocking {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    // Out of file descriptors, say: do not spin.
+                    log::debug!("metrics endpoint: accept failed: {e}");
+                    thread::sleep(POLL);
+                    break;
                 }
             }
-            Err(e) => {
-                // Out of file descriptors, say: do not spin.
-                log::debug!("metrics endpoint: accept failed: {e}");
-                thread::sleep(Duration::from_millis(50));
+        }
+        let now = Instant::now();
+        let mut i = 0;
+        while i < pending.len() {
+            let p = &mut pending[i];
+            let mut done = false;
+            let mut drop_it = now >= p.deadline;
+            while !done && !drop_it {
+                match p.stream.read(&mut buf) {
+                    Ok(0) => drop_it = true,
+                    Ok(n) => {
+                        progressed = true;
+                        p.head.extend_from_slice(&buf[..n]);
+                        if head_complete(&p.head) {
+                            done = true;
+                        } else if p.head.len() > MAX_HEAD {
+                            drop_it = true;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => drop_it = true,
+                }
             }
+            if done {
+                let p = pending.remove(i).expect("index in range");
+                let (method, path) = request_line(&p.head);
+                let job = Job {
+                    stream: p.stream,
+                    method,
+                    path,
+                };
+                // All answering threads busy and the queue full: drop it rather than wait.
+                let _ = jobs.try_send(job);
+            } else if drop_it {
+                pending.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        if !progressed && !pending.is_empty() {
+            thread::sleep(POLL);
         }
     }
 }
 
-/// Reads one request head within [`ENDPOINT_IO_TIMEOUT`], answers it and closes.
-fn handle(mut stream: TcpStream, metrics: &Metrics, health: &Health) -> std::io::Result<()> {
-    stream.set_write_timeout(Some(ENDPOINT_IO_TIMEOUT))?;
-    let deadline = Instant::now() + ENDPOINT_IO_TIMEOUT;
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || head.len() > MAX_HEAD {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "request head too slow or too large",
-            ));
-        }
-        stream.set_read_timeout(Some(left))?;
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
+fn head_complete(head: &[u8]) -> bool {
+    head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n")
+}
+
+/// Method and path (without the query) of a request head.
+fn request_line(head: &[u8]) -> (String, String) {
     let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let mut parts = line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or_default();
-    let (status, body, content_type) = respond(method, path, metrics, health);
+    let method = parts.next().unwrap_or("").to_string();
+    let target = parts.next().unwrap_or("");
+    let path = target.split('?').next().unwrap_or_default().to_string();
+    (method, path)
+}
+
+/// Writes the response to one request and closes the connection.
+fn answer(job: Job, metrics: &Metrics, health: &Health) -> std::io::Result<()> {
+    let Job {
+        mut stream,
+        method,
+        path,
+    } = job;
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(ENDPOINT_IO_TIMEOUT))?;
+    let (status, body, content_type) = respond(&method, &path, metrics, health);
     let reason = match status {
         200 => "OK",
         404 => "Not Found",
@@ -206,7 +312,9 @@ fn handle(mut stream: TcpStream, metrics: &Metrics, health: &Health) -> std::io:
         out.extend_from_slice(body.as_bytes());
     }
     stream.write_all(&out)?;
-    stream.flush()
+    stream.flush()?;
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    Ok(())
 }
 
 fn respond(

@@ -380,9 +380,10 @@ fn serve(
         ));
     }
     if !confirmed {
-        why.push(format!(
-            "NATS did not confirm the last acks within {FINAL_FLUSH:?}; unconfirmed ones are redelivered"
-        ));
+        why.push(
+            "NATS did not confirm every ack and hand-back; unconfirmed ones are redelivered"
+                .to_string(),
+        );
     }
     Err(Error::DrainIncomplete(why.join("; ")))
 }
@@ -405,6 +406,7 @@ fn queue_reader(
                 pending: s.pending,
                 ack_pending: s.ack_pending,
                 submitted: s.last_seq,
+                refused_pulls: broker.refused_pulls(),
             }),
             Err(e) => {
                 log::debug!("reading the queue state for /metrics failed: {e}");

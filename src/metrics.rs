@@ -29,6 +29,8 @@ pub struct QueueCounters {
     pub ack_pending: u64,
     /// Messages that ever entered the stream (its last sequence).
     pub submitted: u64,
+    /// Pull requests the server refused so far (409 Exceeded MaxWaiting, ...).
+    pub refused_pulls: u64,
 }
 
 /// Reads the queue counters from the server; `None` when it cannot now (then the gauges keep
@@ -50,6 +52,7 @@ pub struct Metrics {
     pub processed: IntCounter,
     inflight: IntGaugeVec,
     pub reconnects: IntCounter,
+    refused_pulls: IntCounter,
     duration: HistogramVec,
     invocations: IntCounterVec,
     retries: IntCounterVec,
@@ -116,6 +119,10 @@ impl Metrics {
             "queue_worker_nats_reconnect_total",
             "Reconnections to NATS"
         )?);
+        let refused_pulls = register!(IntCounter::new(
+            "queue_worker_pull_refused_total",
+            "Pull requests the server refused (409 Exceeded MaxWaiting and the like)"
+        )?);
         let duration = register!(HistogramVec::new(
             HistogramOpts::new(
                 "queue_worker_invocation_duration_seconds",
@@ -181,6 +188,7 @@ impl Metrics {
             registry,
             inflight,
             reconnects,
+            refused_pulls,
             duration,
             invocations,
             retries,
@@ -249,6 +257,9 @@ impl Metrics {
         self.pending.set(c.pending as i64);
         self.ack_pending.set(c.ack_pending as i64);
         self.submitted.set(c.submitted as i64);
+        let seen = self.refused_pulls.get();
+        self.refused_pulls
+            .inc_by(c.refused_pulls.saturating_sub(seen));
     }
 
     /// Where scrapes read the queue counters from (`None`: nowhere, the gauges stay).
@@ -257,8 +268,14 @@ impl Metrics {
     }
 
     /// Reads the queue counters unless they were read less than [`QUEUE_READ_CACHE`] ago.
+    /// While another scrape is reading them, this one serves the values it has rather than
+    /// wait (a read can take seconds when the server is slow to answer).
     fn refresh_queue(&self) {
-        let mut last = self.queue_read.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = match self.queue_read.try_lock() {
+            Ok(last) => last,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
         if last.is_some_and(|at| at.elapsed() < QUEUE_READ_CACHE) {
             return;
         }
@@ -309,6 +326,7 @@ mod tests {
                 pending: n,
                 ack_pending: 0,
                 submitted: 100 * n,
+                refused_pulls: 0,
             })
         })));
         let first = m.render();
@@ -337,6 +355,7 @@ mod tests {
             pending: 3,
             ack_pending: 1,
             submitted: 7,
+            refused_pulls: 2,
         });
         let text = m.render();
         for line in [

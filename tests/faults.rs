@@ -1,6 +1,10 @@
 #![allow(deprecated)]
-//! At-least-once under faults: no message is lost when nats-server is killed and restarted in
-//! the middle of a batch, or when the worker itself is killed.
+//! At-least-once under faults, one fast case per fault: no message is lost when nats-server is
+//! killed and restarted in the middle of a batch, or when the worker itself is killed; a client
+//! connection cut while the server lives (through [`TcpProxy`]) leaves one pull per thread and
+//! runs no call twice; SIGTERM while NATS is down or half-open exits within `drain_timeout` plus
+//! a few seconds, with exit code 3 when the drain did not complete; a call whose function
+//! returned is not handed back by the drain.
 
 mod support;
 
@@ -115,25 +119,53 @@ fn sigterm_while_nats_is_down_exits_within_drain_timeout() {
 fn sigterm_while_nats_is_half_open_exits_within_drain_timeout() {
     let nats = NatsServer::start();
     let proxy = TcpProxy::to_nats(&nats.url());
-    let function = FunctionServer::echo();
+    let function = FunctionServer::echo_with_delay(SECS(1));
     let worker = Worker::start_ready(
         proxy.url(),
         function.url(),
-        &[("max_inflight", "2"), ("drain_timeout", "2s")],
+        &[("max_inflight", "2"), ("drain_timeout", "3s")],
     );
+    publish_batch(&nats.url(), 1);
+    function.wait_for_count(1, SECS(20));
     // Bytes go nowhere and the connection stays open: every flush waits for a PONG.
     proxy.set_mode(ProxyMode::Blackhole);
     let sent = std::time::Instant::now();
     worker.signal("TERM");
-    let status = worker.wait_exit(SECS(2 + 5));
+    let status = worker.wait_exit(SECS(3 + 5));
     eprintln!("exit {:?} after {:?}", status.code(), sent.elapsed());
-    // Nothing ran, but the server could not confirm the last flush: not a completed drain.
+    // The call finished within drain_timeout, but its ack went into the void: the server
+    // never confirmed it, so the drain did not complete.
+    assert_eq!(function.answered(), 1);
     assert_eq!(
         status.code(),
         Some(DRAIN_INCOMPLETE),
         "{}",
         worker.log_tail()
     );
+    proxy.set_mode(ProxyMode::Forward);
+    let nc = connect(&nats.url());
+    assert_eq!(
+        stream_messages(&nc, STREAM),
+        1,
+        "unacked, left for redelivery"
+    );
+}
+
+#[test]
+fn sigterm_while_nats_is_down_with_nothing_to_ack_exits_at_once_with_0() {
+    let mut nats = NatsServer::start();
+    let function = FunctionServer::echo();
+    let worker = Worker::start_ready(nats.url(), function.url(), &[]);
+    nats.kill9();
+    wait_until(SECS(10), "the worker to see NATS gone", || {
+        worker.get("/readyz").0 == 503
+    });
+    let sent = std::time::Instant::now();
+    worker.signal("TERM");
+    // Default drain_timeout (1m30s): nothing runs, so nothing waits for it.
+    let status = worker.wait_exit(SECS(5));
+    eprintln!("exit {:?} after {:?}", status.code(), sent.elapsed());
+    assert_eq!(status.code(), Some(0), "{}", worker.log_tail());
 }
 
 /// Waiting pull requests and unacknowledged messages of the worker's consumer, from /jsz.
@@ -188,4 +220,87 @@ fn a_cut_client_connection_leaves_one_pull_per_thread_and_runs_nothing_twice() {
         worst_ack_pending <= 2,
         "ack_pending reached {worst_ack_pending}"
     );
+}
+
+#[test]
+fn drain_does_not_hand_back_a_call_whose_function_returned() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::echo_with_delay(Duration::from_millis(800));
+    let callbacks =
+        FunctionServer::from_fn(|_| Reply::ok("").with_delay(Duration::from_millis(1500)));
+    let worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[
+            ("drain_timeout", "1s"),
+            ("ack_wait", "60s"),
+            ("callback_timeout", "5s"),
+        ],
+    );
+    let nc = connect(&nats.url());
+    publish_json(
+        &nc,
+        STREAM,
+        &with_callback(gateway_request("slow-callback", b""), &callbacks.url()),
+    );
+    wait_until(SECS(10), "the invocation running", || {
+        function.in_flight() == 1
+    });
+    worker.signal("TERM");
+    // The function returns before drain_timeout, its callback ends after it: the call is
+    // finished and acked, not handed back to run again.
+    let status = worker.wait_exit(SECS(1 + 5));
+    assert_eq!(status.code(), Some(0), "{}", worker.log_tail());
+    assert_eq!(callbacks.answered(), 1);
+    assert_eq!(stream_messages(&nc, STREAM), 0, "acked");
+    assert_eq!(
+        consumer_info(&nc, STREAM, "faas-workers").num_ack_pending,
+        0
+    );
+    assert_eq!(function.count(), 1);
+}
+
+#[test]
+fn a_cut_while_a_call_runs_acks_it_after_the_reconnect_and_runs_nothing_twice() {
+    let nats = NatsServer::start();
+    let proxy = TcpProxy::to_nats(&nats.url());
+    let function = FunctionServer::echo_with_delay(Duration::from_millis(1500));
+    let worker = Worker::start_ready(
+        proxy.url(),
+        function.url(),
+        &[("max_inflight", "2"), ("ack_wait", "1s")],
+    );
+    // One thread busy with a call, the other idle with its pull waiting at the server.
+    let mut ids = publish_batch(&nats.url(), 1);
+    wait_until(SECS(10), "one call running, one pull waiting", || {
+        function.in_flight() == 1 && waiting_and_ack_pending(&nats) == Some((1, 1))
+    });
+    assert!(proxy.cut() > 0, "no connection to cut");
+    worker.wait_metric("queue_worker_nats_reconnect_total", SECS(15), |v| v >= 1.0);
+    ids.extend(publish_batch(&nats.url(), 5));
+    let nats = &nats;
+    let mut worst_ack_pending = 0;
+    wait_until(SECS(30), "every call id invoked and acked", || {
+        let state = waiting_and_ack_pending(nats);
+        if let Some((_, ack_pending)) = state {
+            worst_ack_pending = worst_ack_pending.max(ack_pending);
+        }
+        function.answered() >= ids.len() && state == Some((2, 0))
+    });
+    let seen: Vec<String> = call_ids_seen_in_order(&function);
+    assert_eq!(seen.len(), ids.len(), "some call ran twice: {seen:?}");
+    assert_eq!(seen.iter().cloned().collect::<BTreeSet<_>>(), ids);
+    assert!(
+        worst_ack_pending <= 2,
+        "ack_pending reached {worst_ack_pending}"
+    );
+}
+
+/// Every call id the function saw, once per invocation.
+fn call_ids_seen_in_order(function: &FunctionServer) -> Vec<String> {
+    function
+        .requests()
+        .iter()
+        .filter_map(|s| s.header("X-Call-Id").map(String::from))
+        .collect()
 }

@@ -2,6 +2,8 @@
 //! function-label cap, JSON log lines, `/readyz` following NATS, and the dashboard and alert
 //! rules querying only metrics the worker exports.
 
+#![allow(deprecated)]
+
 mod support;
 
 use std::collections::BTreeSet;
@@ -298,4 +300,147 @@ fn dashboard_and_alerts_query_only_exported_metrics() {
             "{file} queries {name}, which the worker does not export"
         );
     }
+}
+
+#[test]
+fn queue_gauges_are_read_from_the_server_when_scraped() {
+    let nats = NatsServer::start();
+    let nc = connect(&nats.url());
+    let function = FunctionServer::echo_with_delay(Duration::from_millis(100));
+    let env = [("max_inflight", "1")];
+    let first = Worker::start_ready(nats.url(), function.url(), &env);
+    for i in 0..4 {
+        publish_json(
+            &nc,
+            STREAM,
+            &gateway_request("echo", format!("{i}").as_bytes()),
+        );
+    }
+    wait_until(SECS(15), "the stream empty", || {
+        stream_messages(&nc, STREAM) == 0
+    });
+    // Cached for at most 1 s (no more 5 s of lag behind `status`).
+    for gauge in ["queue_worker_pending_messages", "queue_worker_ack_pending"] {
+        first.wait_metric(&format!("{gauge}{Q}"), SECS(2), |v| v == 0.0);
+    }
+    first.wait_metric(
+        &format!("queue_worker_messages_submitted_total{Q}"),
+        SECS(2),
+        |v| v == 4.0,
+    );
+    assert!(first
+        .metrics()
+        .contains("# TYPE queue_worker_messages_submitted_total gauge"));
+    first.signal("TERM");
+    assert!(first.wait_exit(SECS(10)).success());
+    // A backlog waits while no worker runs; a new worker reports what the server says, with
+    // no spike of the whole backlog.
+    for i in 0..3 {
+        publish_json(
+            &nc,
+            STREAM,
+            &gateway_request("echo", format!("{i}").as_bytes()),
+        );
+    }
+    let second = Worker::start_ready(nats.url(), function.url(), &env);
+    let submitted = second.metric(&format!("queue_worker_messages_submitted_total{Q}"));
+    assert_eq!(submitted, Some(7.0));
+}
+
+#[test]
+fn per_function_alert_counters_exist_at_zero_from_the_first_invocation() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::ok();
+    let worker = Worker::start_ready(nats.url(), function.url(), &[]);
+    let nc = connect(&nats.url());
+    publish_json(&nc, STREAM, &gateway_request("fine", b""));
+    worker.wait_metric(
+        &format!("queue_worker_messages_processed_total{Q}"),
+        SECS(10),
+        |v| v == 1.0,
+    );
+    for counter in ["queue_worker_given_up_total", "queue_worker_retries_total"] {
+        assert_eq!(
+            worker.metric(&format!("{counter}{{function_name=\"fine\"}}")),
+            Some(0.0),
+            "{counter}"
+        );
+    }
+}
+
+#[test]
+fn a_refused_pull_is_logged_once_while_it_repeats() {
+    let nats = NatsServer::start();
+    {
+        let nc = connect(&nats.url());
+        let js = jetstream(&nc);
+        js.add_stream(nats::jetstream::StreamConfig {
+            name: STREAM.into(),
+            subjects: vec![STREAM.into()],
+            retention: nats::jetstream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .unwrap();
+        js.add_consumer(
+            STREAM,
+            nats::jetstream::ConsumerConfig {
+                durable_name: Some("faas-workers".into()),
+                ack_policy: nats::jetstream::AckPolicy::Explicit,
+                max_waiting: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
+    let function = FunctionServer::ok();
+    let worker = Worker::start_ready(nats.url(), function.url(), &[("max_inflight", "3")]);
+    // Two threads are refused every second: several rounds of it.
+    worker.wait_metric("queue_worker_pull_refused_total", SECS(20), |v| v >= 8.0);
+    let refused = worker
+        .logs()
+        .lines()
+        .filter(|l| l.contains("pull request refused"))
+        .count();
+    assert_eq!(refused, 1, "{}", worker.log_tail());
+    // Work still flows through the thread whose pull was accepted.
+    let nc = connect(&nats.url());
+    publish_json(&nc, STREAM, &gateway_request("fine", b""));
+    function.wait_for_count(1, SECS(10));
+}
+
+#[test]
+fn the_endpoint_answers_through_a_flood_of_half_open_connections() {
+    use std::io::Write as _;
+    let nats = NatsServer::start();
+    let function = FunctionServer::ok();
+    let worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[("metrics_address", "127.0.0.1")],
+    );
+    let addr = format!("127.0.0.1:{}", worker.metrics_port());
+    let threads = |w: &Worker| w.metric("process_threads").unwrap_or(0.0);
+    let before = threads(&worker);
+    // 400 connections that start a request and never finish it.
+    let flood: Vec<std::net::TcpStream> = (0..400)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+    // Probes are still answered, and the thread count does not follow the connections.
+    for _ in 0..5 {
+        assert_eq!(worker.get("/healthz").0, 200);
+    }
+    let during = threads(&worker);
+    assert!(during <= before + 1.0, "threads {before} -> {during}");
+    drop(flood);
+    assert_eq!(worker.get("/readyz").0, 200);
+    // Bound to 127.0.0.1 only, as asked.
+    assert!(
+        worker.logs().contains(&format!("on {addr}")),
+        "{}",
+        worker.log_tail()
+    );
 }
