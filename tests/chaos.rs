@@ -696,14 +696,19 @@ impl Drop for AckPendingSampler {
 // ---------------------------------------------------------------------------------------------
 // Shutdown during an outage
 
-/// nats-server is killed, then the worker gets SIGTERM: it must exit within drain_timeout plus
-/// a few seconds. Then the server comes back and a new worker finishes the backlog.
-#[test]
-#[ignore = "chaos suite: run scripts/chaos.sh"]
-fn c07_sigterm_during_nats_outage() {
+/// NATS goes away, then the worker gets SIGTERM: it must exit within drain_timeout plus a few
+/// seconds. Either nats-server is killed (connections refused), or the link through a proxy
+/// turns half-open (bytes dropped, connections kept open: every flush waits for a PONG that
+/// never comes). Then NATS comes back and a new worker finishes the backlog.
+fn sigterm_during_outage(half_open: bool) {
     const DRAIN: u64 = 4;
     const SLACK: u64 = 5;
-    scenario("worker SIGTERM during NATS outage", |run| {
+    let name = if half_open {
+        "worker SIGTERM, NATS link half-open"
+    } else {
+        "worker SIGTERM during NATS outage"
+    };
+    scenario(name, |run| {
         let n = messages();
         run.max_duplicates = Some(MAX_INFLIGHT);
         run.bounds
@@ -713,10 +718,17 @@ fn c07_sigterm_during_nats_outage() {
         let mut env = worker_env("5s");
         env.push(("drain_timeout", format!("{DRAIN}s")));
         run.publish(&nats.url(), n, &env);
-        let worker = start_worker(&nats.url(), &function.url(), &env);
+        let proxy = TcpProxy::to_nats(&nats.url());
+        let via = if half_open { proxy.url() } else { nats.url() };
+        let worker = start_worker(&via, &function.url(), &env);
         run.wait_calls(n / 3, SECS(60));
-        run.fault("SIGKILL to nats-server, then SIGTERM to the worker");
-        nats.kill9();
+        if half_open {
+            run.fault("NATS link black-holed, then SIGTERM to the worker");
+            proxy.set_mode(ProxyMode::Blackhole);
+        } else {
+            run.fault("SIGKILL to nats-server, then SIGTERM to the worker");
+            nats.kill9();
+        }
         let t = Instant::now();
         worker.signal("TERM");
         let limit = SECS(DRAIN + SLACK);
@@ -751,10 +763,27 @@ fn c07_sigterm_during_nats_outage() {
                 worker.wait_exit(SECS(5));
             }
         }
-        nats.restart();
+        if half_open {
+            proxy.set_mode(ProxyMode::Forward);
+            proxy.cut();
+        } else {
+            nats.restart();
+        }
         let second = start_worker(&nats.url(), &function.url(), &env);
         run.wait_settled(&nats.url(), SETTLE_DEADLINE, || alive(&second));
     });
+}
+
+#[test]
+#[ignore = "chaos suite: run scripts/chaos.sh"]
+fn c07_sigterm_during_nats_outage() {
+    sigterm_during_outage(false);
+}
+
+#[test]
+#[ignore = "chaos suite: run scripts/chaos.sh"]
+fn c08_sigterm_with_half_open_link() {
+    sigterm_during_outage(true);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -763,7 +792,7 @@ fn c07_sigterm_during_nats_outage() {
 /// Three worker processes share one durable consumer: no call runs twice, each does a share.
 #[test]
 #[ignore = "chaos suite: run scripts/chaos.sh"]
-fn c08_three_workers_one_durable() {
+fn c09_three_workers_one_durable() {
     const WORKERS: usize = 3;
     const MIN_SHARE: f64 = 0.10;
     scenario("3 workers on one durable", |run| {
@@ -887,13 +916,13 @@ fn cluster_leader_killed(worker_on_leader: bool) {
 
 #[test]
 #[ignore = "chaos suite: run scripts/chaos.sh"]
-fn c09_cluster_leader_killed_worker_on_leader() {
+fn c10_cluster_leader_killed_worker_on_leader() {
     cluster_leader_killed(true);
 }
 
 #[test]
 #[ignore = "chaos suite: run scripts/chaos.sh"]
-fn c10_cluster_leader_killed_worker_on_follower() {
+fn c11_cluster_leader_killed_worker_on_follower() {
     cluster_leader_killed(false);
 }
 
@@ -1061,7 +1090,7 @@ fn percent_decode(s: &str) -> String {
 /// that forges `X-Function-Status` carries the worker's value once.
 #[test]
 #[ignore = "chaos suite: run scripts/chaos.sh"]
-fn c11_hostile_messages() {
+fn c12_hostile_messages() {
     scenario("hostile messages beside traffic", |run| {
         let n = messages();
         run.bounds
