@@ -15,7 +15,7 @@
 //!   the scenario's deadline;
 //! - duplicates: calls beyond the first per call id;
 //! - worst stall: the longest gap between two first calls, or from the last one to the end of
-//!   the run while messages remained.
+//!   the run while messages remained (then shown as ">= ...": the run stopped, not the stall).
 //!
 //! Environment: `CHAOS_MESSAGES` (default 2000) messages per scenario, `CHAOS_ROWS` the row file,
 //! `CHAOS_NATS_DEBIAN` / `CHAOS_NATS_NEWEST` the two server versions of the restart rows
@@ -359,11 +359,18 @@ impl Run {
             }
             prev = Some(t);
         }
-        if firsts.len() < self.expected.len() {
+        // With messages never called, the stall lasted at least until the run stopped.
+        let unfinished = firsts.len() < self.expected.len();
+        if unfinished {
             if let Some(p) = prev {
                 stall = stall.max(end.saturating_duration_since(p));
             }
         }
+        let stall_text = if unfinished {
+            format!(">= {}", secs(stall))
+        } else {
+            secs(stall)
+        };
 
         let mut bound = vec!["lost 0".to_string()];
         if lost > 0 {
@@ -408,7 +415,7 @@ impl Run {
             completed.to_string(),
             lost.to_string(),
             duplicates.to_string(),
-            secs(stall),
+            stall_text,
             bound.join(", "),
             result.clone(),
             self.notes.join("; "),
