@@ -95,7 +95,7 @@ finish() {
   trap - EXIT INT TERM
   stop_group
   print_table
-  if [ "$status" -eq 0 ] && grep -qv $'\tok\t' "$rows"; then status=1; fi
+  if [ "$status" -eq 0 ] && { [ ! -s "$rows" ] || grep -qv $'\tok\t' "$rows"; }; then status=1; fi
   [ "$status" -eq 0 ] && echo "chaos: every row ok" || echo "chaos: FAILED (exit $status); logs: $out/run.log" >&2
   exit "$status"
 }
