@@ -50,6 +50,8 @@ const PULL_PAUSE_AFTER_409: Duration = Duration::from_secs(1);
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long [`Broker::shutdown`] waits for the client's close before leaving it behind.
 const CLOSE_WAIT: Duration = Duration::from_millis(500);
+/// How often a connection attempt in progress looks for a shutdown request.
+const CONNECT_POLL: Duration = Duration::from_millis(50);
 /// Largest wait between connection attempts while NATS is not yet up.
 const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(5);
 /// Publishes in flight before the publisher waits for acknowledgements.
@@ -177,7 +179,7 @@ impl Broker {
     ) -> Result<Broker, BrokerError> {
         let mut delay = Duration::from_millis(100);
         loop {
-            match Broker::connect_once(urls, Some(events.clone())) {
+            match Broker::connect_interruptible(urls, &events, wait)? {
                 Ok(broker) => return Ok(broker),
                 Err(e) => {
                     log::warn!("{e}; retrying in {delay:?}");
@@ -185,6 +187,48 @@ impl Broker {
                         return Err(BrokerError::Interrupted);
                     }
                     delay = (delay * 2).min(MAX_CONNECT_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// One attempt on a helper thread, so that a shutdown request ends the wait: the crate has
+    /// no connect timeout and reads the server's INFO without one, so an attempt on a server
+    /// that accepts and then says nothing (half-open, hung) never returns. `Err` only when
+    /// interrupted; the attempt's own result otherwise.
+    fn connect_interruptible(
+        urls: &[String],
+        events: &Arc<dyn ConnectionEvents>,
+        wait: &dyn Fn(Duration) -> bool,
+    ) -> Result<Result<Broker, BrokerError>, BrokerError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (attempt_urls, attempt_events) = (urls.to_vec(), events.clone());
+        let spawned = std::thread::Builder::new()
+            .name("nats-connect".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let _ = tx.send(Broker::connect_once(&attempt_urls, Some(attempt_events)));
+            });
+        if let Err(source) = spawned {
+            return Ok(Err(BrokerError::Connect {
+                urls: urls.join(","),
+                source,
+            }));
+        }
+        loop {
+            match rx.recv_timeout(CONNECT_POLL) {
+                Ok(result) => return Ok(result),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if wait(Duration::ZERO) {
+                        // The attempt is left behind; it ends with the process.
+                        return Err(BrokerError::Interrupted);
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Ok(Err(BrokerError::Connect {
+                        urls: urls.join(","),
+                        source: io::Error::other("the connecting thread ended"),
+                    }))
                 }
             }
         }
@@ -1215,6 +1259,31 @@ mod tests {
         );
         assert_eq!(parse_ack_subject("_INBOX.x"), None);
         assert_eq!(parse_ack_subject("$JS.ACK.a.b.c"), None);
+    }
+
+    #[test]
+    fn the_ack_ledger_confirms_only_what_a_flush_followed() {
+        let ledger = AckLedger::default();
+        assert!(
+            ledger.all_confirmed(),
+            "nothing written, nothing to confirm"
+        );
+        ledger.record(Ok(())).unwrap();
+        ledger.record(Ok(())).unwrap();
+        let mark = ledger.mark();
+        ledger.record(Ok(())).unwrap();
+        ledger.confirm(mark);
+        assert!(
+            !ledger.all_confirmed(),
+            "the third came after the flush began"
+        );
+        ledger.confirm(ledger.mark());
+        assert!(ledger.all_confirmed());
+        // An older flush finishing late does not take confirmation back.
+        ledger.confirm(mark);
+        assert!(ledger.all_confirmed());
+        let _ = ledger.record::<()>(Err(io::Error::other("disconnected")));
+        assert!(!ledger.all_confirmed(), "an ack that was never written");
     }
 
     #[test]

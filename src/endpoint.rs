@@ -346,3 +346,20 @@ fn respond(
         _ => (404, "not found\n".to_string(), "text/plain"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_heads() {
+        assert!(head_complete(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(head_complete(b"GET / HTTP/1.0\n\n"));
+        assert!(!head_complete(b"GET /metrics HTTP/1.1\r\nHost: x\r\n"));
+        assert_eq!(
+            request_line(b"GET /metrics?x=1 HTTP/1.1\r\n\r\n"),
+            ("GET".to_string(), "/metrics".to_string())
+        );
+        assert_eq!(request_line(b"\r\n\r\n"), (String::new(), String::new()));
+    }
+}

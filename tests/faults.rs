@@ -304,3 +304,19 @@ fn call_ids_seen_in_order(function: &FunctionServer) -> Vec<String> {
         .filter_map(|s| s.header("X-Call-Id").map(String::from))
         .collect()
 }
+
+#[test]
+fn sigterm_while_the_first_connect_hangs_exits_at_once() {
+    let nats = NatsServer::start();
+    let proxy = TcpProxy::to_nats(&nats.url());
+    // The server accepts the connection and then says nothing: no INFO ever comes.
+    proxy.set_mode(ProxyMode::Blackhole);
+    let function = FunctionServer::echo();
+    let worker = Worker::builder(proxy.url(), function.url()).start();
+    wait_until(SECS(10), "the worker connecting", || proxy.live() > 0);
+    let sent = std::time::Instant::now();
+    worker.signal("TERM");
+    let status = worker.wait_exit(SECS(5));
+    eprintln!("exit {:?} after {:?}", status.code(), sent.elapsed());
+    assert_eq!(status.code(), Some(0), "{}", worker.log_tail());
+}
