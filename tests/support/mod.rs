@@ -1,6 +1,7 @@
 //! Self-cleaning fixtures for the integration tests: real parts, never mocks.
 //!
-//! - [`NatsServer`]: a real `nats-server` with JetStream on ephemeral ports and its own store.
+//! - [`NatsServer`]: a real `nats-server` with JetStream on ephemeral ports and its own store;
+//!   [`NatsCluster`]: several of them routed into one JetStream cluster.
 //! - [`FunctionServer`]: a real HTTP server playing a function (or a callback receiver).
 //! - [`TcpProxy`]: a TCP proxy between the worker and nats-server that cuts, refuses or
 //!   black-holes connections on demand while the server lives.
@@ -16,12 +17,15 @@
 #![allow(dead_code)]
 #![allow(deprecated)]
 
+mod cluster;
 mod function;
 mod nats;
 mod proxy;
 mod worker;
 
 // A test file that uses only some fixtures must still build warning-free.
+#[allow(unused_imports)]
+pub use self::cluster::*;
 #[allow(unused_imports)]
 pub use self::function::*;
 #[allow(unused_imports)]

@@ -59,8 +59,12 @@ impl NatsServer {
     /// The server's version as printed by `nats-server --version`, without the prefix
     /// (e.g. "2.9.10").
     pub fn version() -> String {
-        let bin = Self::binary();
-        let out = Command::new(&bin)
+        Self::version_of(&Self::binary())
+    }
+
+    /// The version of the nats-server binary `bin` (e.g. "2.9.10").
+    pub fn version_of(bin: &Path) -> String {
+        let out = Command::new(bin)
             .arg("--version")
             .stdin(Stdio::null())
             .output()
@@ -84,7 +88,12 @@ impl NatsServer {
     /// Like [`NatsServer::start`], with extra command-line arguments (kept for `restart()`),
     /// e.g. `&["--user", "u", "--pass", "p"]`.
     pub fn start_with_args(args: &[&str]) -> NatsServer {
-        let bin = Self::binary();
+        NatsServer::start_bin(&Self::binary(), args)
+    }
+
+    /// Like [`NatsServer::start_with_args`], running the binary `bin` (a given server version).
+    pub fn start_bin(bin: &Path, args: &[&str]) -> NatsServer {
+        let bin = bin.to_path_buf();
         let dir = tempfile::Builder::new()
             .prefix("qw-nats-")
             .tempdir()
