@@ -1,0 +1,373 @@
+// go-worker: the benchmark's Go peer (scripts/bench.sh), a JetStream queue-worker written the
+// way the OpenFaaS one is documented: one pull subscription on the durable consumer, Fetch of as
+// many messages as there are free slots, a goroutine per message, in-progress acks while the
+// function runs, a keep-alive http.Client, an ack when the call is done.
+//
+// It reads the same environment as queue-worker (nats_url or nats_host/nats_port, nats_stream,
+// queue_name, nats_durable, gateway_url, max_inflight, max_ack_pending, ack_wait,
+// upstream_timeout, drain_timeout, metrics_port, log_encoding, retry_http_codes,
+// max_retry_attempts, initial_retry_wait, max_retry_wait) and creates the same stream and consumer
+// when missing. Built in GOPATH mode against Debian's golang-github-nats-io-go-nats-dev (1.22):
+//
+//	GO111MODULE=off GOPROXY=off GOPATH=$PWD/target/go:/usr/share/gocode \
+//	    go build -o target/go/bin/go-worker ./scripts/bench/go-worker
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/nats-io/nats.go"
+)
+
+// QueueRequest is faas-provider's types.QueueRequest as the gateway encodes it.
+type QueueRequest struct {
+	Header      http.Header `json:"Header"`
+	Host        string      `json:"Host"`
+	Body        []byte      `json:"Body"` // base64 in the JSON; encoding/json decodes it
+	Method      string      `json:"Method"`
+	Path        string      `json:"Path"`
+	QueryString string      `json:"QueryString"`
+	Function    string      `json:"Function"`
+	QueueName   string      `json:"QueueName"`
+	CallbackURL *url.URL    `json:"CallbackUrl"`
+}
+
+type config struct {
+	natsURL, stream, subject, durable, gateway, logEncoding    string
+	maxInflight, maxAckPending, maxAttempts, metricsPort       int
+	ackWait, upstreamTimeout, drainTimeout, retryWait, maxWait time.Duration
+	retryCodes                                                 map[int]bool
+}
+
+func env(name, def string) string {
+	if v, ok := os.LookupEnv(name); ok && v != "" {
+		return v
+	}
+	return def
+}
+
+func fail(name, value, expected string) {
+	fmt.Fprintf(os.Stderr, "go-worker: %s=%q: expected %s\n", name, value, expected)
+	os.Exit(2)
+}
+
+func envInt(name string, def, min int) int {
+	v := env(name, strconv.Itoa(def))
+	n, err := strconv.Atoi(v)
+	if err != nil || n < min {
+		fail(name, v, fmt.Sprintf("a whole number >= %d", min))
+	}
+	return n
+}
+
+func envDuration(name string, def time.Duration) time.Duration {
+	v := env(name, def.String())
+	d, err := time.ParseDuration(v)
+	if err != nil || d < 0 {
+		fail(name, v, "a duration such as 30s or 1m")
+	}
+	return d
+}
+
+func loadConfig() config {
+	c := config{
+		natsURL: env("nats_url", "nats://"+env("nats_host", "127.0.0.1")+":"+env("nats_port", "4222")),
+		stream:  env("nats_stream", "faas-request"),
+		durable: env("nats_durable", "faas-workers"),
+		gateway: strings.TrimRight(env("gateway_url", "http://127.0.0.1:8080"), "/"),
+	}
+	c.subject = env("queue_name", c.stream)
+	c.maxInflight = envInt("max_inflight", 50, 1)
+	def := 1000
+	if c.maxInflight > def {
+		def = c.maxInflight
+	}
+	c.maxAckPending = envInt("max_ack_pending", def, c.maxInflight)
+	c.maxAttempts = envInt("max_retry_attempts", 100, 1)
+	c.metricsPort = envInt("metrics_port", 8081, 0)
+	c.ackWait = envDuration("ack_wait", 60*time.Second)
+	c.upstreamTimeout = envDuration("upstream_timeout", 60*time.Second)
+	c.drainTimeout = envDuration("drain_timeout", c.upstreamTimeout)
+	c.retryWait = envDuration("initial_retry_wait", 10*time.Second)
+	c.maxWait = envDuration("max_retry_wait", 120*time.Second)
+	c.logEncoding = env("log_encoding", "console")
+	c.retryCodes = map[int]bool{}
+	for _, s := range strings.Split(env("retry_http_codes", "408,429,500,502,503,504"), ",") {
+		code, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil {
+			fail("retry_http_codes", s, "comma-separated HTTP status codes")
+		}
+		c.retryCodes[code] = true
+	}
+	if c.ackWait <= 0 || c.upstreamTimeout <= 0 {
+		fail("ack_wait/upstream_timeout", "0", "a duration above zero")
+	}
+	return c
+}
+
+// ensureQueue creates the stream and the durable pull consumer as queue-worker does
+// (src/broker.rs): work-queue file stream on queue_name; explicit acks, deliver all, unlimited
+// deliveries, max_waiting max(2 x max_inflight, 512), max_ack_pending as configured.
+func ensureQueue(js nats.JetStreamContext, c config) error {
+	if _, err := js.StreamInfo(c.stream); err == nats.ErrStreamNotFound {
+		_, err = js.AddStream(&nats.StreamConfig{Name: c.stream, Subjects: []string{c.subject},
+			Retention: nats.WorkQueuePolicy, Storage: nats.FileStorage, Replicas: 1})
+		if err != nil && err != nats.ErrStreamNameAlreadyInUse {
+			return fmt.Errorf("creating stream %s: %w", c.stream, err)
+		}
+	} else if err != nil {
+		return fmt.Errorf("reading stream %s: %w", c.stream, err)
+	}
+	if _, err := js.ConsumerInfo(c.stream, c.durable); err == nats.ErrConsumerNotFound {
+		maxWaiting := 2 * c.maxInflight
+		if maxWaiting < 512 {
+			maxWaiting = 512
+		}
+		_, err = js.AddConsumer(c.stream, &nats.ConsumerConfig{Durable: c.durable,
+			DeliverPolicy: nats.DeliverAllPolicy, AckPolicy: nats.AckExplicitPolicy,
+			AckWait: c.ackWait, FilterSubject: c.subject, ReplayPolicy: nats.ReplayInstantPolicy,
+			MaxWaiting: maxWaiting, MaxAckPending: c.maxAckPending})
+		if err != nil {
+			if _, again := js.ConsumerInfo(c.stream, c.durable); again != nil {
+				return fmt.Errorf("creating consumer %s/%s: %w", c.stream, c.durable, err)
+			}
+		}
+	} else if err != nil {
+		return fmt.Errorf("reading consumer %s/%s: %w", c.stream, c.durable, err)
+	}
+	return nil
+}
+
+type worker struct {
+	c                   config
+	client              *http.Client
+	logMu               sync.Mutex
+	processed, inflight int64
+}
+
+var hopByHop = map[string]bool{"Connection": true, "Keep-Alive": true, "Proxy-Authenticate": true,
+	"Proxy-Authorization": true, "Proxy-Connection": true, "Te": true, "Trailer": true,
+	"Transfer-Encoding": true, "Upgrade": true}
+
+func (w *worker) logLine(level, msg string, fields map[string]interface{}) {
+	w.logMu.Lock()
+	defer w.logMu.Unlock()
+	if w.c.logEncoding == "json" {
+		fields["level"], fields["msg"], fields["ts"] = level, msg, time.Now().UTC().Format(time.RFC3339Nano)
+		line, _ := json.Marshal(fields)
+		os.Stderr.Write(append(line, '\n'))
+	} else {
+		log.Printf("%s %s %v", level, msg, fields)
+	}
+}
+
+// handle runs one message: decode, call, ack (or nak with a delay for a retry, or term when it
+// can never succeed). The lease is kept alive with +WPI every ack_wait/4 while the call runs.
+func (w *worker) handle(msg *nats.Msg) {
+	var req QueueRequest
+	if err := json.Unmarshal(msg.Data, &req); err != nil || req.Function == "" ||
+		strings.ContainsAny(req.Function, "/?#% ") {
+		w.logLine("warn", "malformed message; terminated", map[string]interface{}{"error": fmt.Sprint(err), "function": req.Function})
+		msg.Term()
+		return
+	}
+	var keepAlive *time.Timer
+	keepAlive = time.AfterFunc(w.c.ackWait/4, func() { msg.InProgress(); keepAlive.Reset(w.c.ackWait / 4) })
+	status, body, dur, err := w.invoke(&req)
+	keepAlive.Stop()
+
+	fields := map[string]interface{}{"function": req.Function, "status": status,
+		"duration_ms": float64(dur.Microseconds()) / 1e3, "call_id": req.Header.Get("X-Call-Id")}
+	if err != nil {
+		fields["error"] = err.Error()
+		w.logLine("warn", "invoking "+req.Function+" failed", fields)
+	} else {
+		w.logLine("info", "invoked "+req.Function+": "+strconv.Itoa(status), fields)
+	}
+	if err != nil || w.c.retryCodes[status] {
+		if meta, merr := msg.Metadata(); merr == nil && int(meta.NumDelivered) < w.c.maxAttempts {
+			delay := w.c.retryWait << (meta.NumDelivered - 1)
+			if delay > w.c.maxWait || delay <= 0 {
+				delay = w.c.maxWait
+			}
+			msg.NakWithDelay(delay)
+			return
+		}
+	}
+	if req.CallbackURL != nil && req.CallbackURL.Host != "" {
+		w.callback(&req, status, body, dur)
+	}
+	msg.Ack()
+	atomic.AddInt64(&w.processed, 1)
+}
+
+func (w *worker) invoke(req *QueueRequest) (int, []byte, time.Duration, error) {
+	start := time.Now()
+	path := req.Path
+	if path == "" {
+		path = "/"
+	} else if path[0] != '/' {
+		path = "/" + path
+	}
+	u := w.c.gateway + "/function/" + req.Function + path
+	if req.QueryString != "" {
+		u += "?" + req.QueryString
+	}
+	method := strings.ToUpper(req.Method)
+	if method == "" {
+		method = http.MethodPost
+	}
+	hr, err := http.NewRequest(method, u, bytes.NewReader(req.Body))
+	if err != nil {
+		return 503, nil, time.Since(start), err
+	}
+	for k, v := range req.Header {
+		if !hopByHop[http.CanonicalHeaderKey(k)] {
+			hr.Header[k] = v
+		}
+	}
+	resp, err := w.client.Do(hr)
+	if err != nil {
+		return 503, nil, time.Since(start), err
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	resp.Body.Close()
+	return resp.StatusCode, body, time.Since(start), err
+}
+
+func (w *worker) callback(req *QueueRequest, status int, body []byte, dur time.Duration) {
+	hr, err := http.NewRequest(http.MethodPost, req.CallbackURL.String(), bytes.NewReader(body))
+	if err != nil {
+		return
+	}
+	hr.Header.Set("X-Call-Id", req.Header.Get("X-Call-Id"))
+	hr.Header.Set("X-Function-Status", strconv.Itoa(status))
+	hr.Header.Set("X-Function-Name", req.Function)
+	hr.Header.Set("X-Duration-Seconds", strconv.FormatFloat(dur.Seconds(), 'f', 6, 64))
+	if resp, err := w.client.Do(hr); err == nil {
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	} else {
+		w.logLine("warn", "callback failed", map[string]interface{}{"error": err.Error()})
+	}
+}
+
+func main() {
+	c := loadConfig()
+	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
+	nc, err := nats.Connect(c.natsURL, nats.Name("go-worker"), nats.MaxReconnects(-1),
+		nats.ReconnectWait(100*time.Millisecond))
+	if err != nil {
+		log.Fatalf("connecting to %s: %v", c.natsURL, err)
+	}
+	js, err := nc.JetStream()
+	if err != nil {
+		log.Fatalf("jetstream: %v", err)
+	}
+	if err := ensureQueue(js, c); err != nil {
+		log.Fatal(err)
+	}
+	sub, err := js.PullSubscribe(c.subject, c.durable, nats.Bind(c.stream, c.durable))
+	if err != nil {
+		log.Fatalf("pull subscribe %s/%s: %v", c.stream, c.durable, err)
+	}
+	w := &worker{c: c, client: &http.Client{Timeout: c.upstreamTimeout, Transport: &http.Transport{
+		Proxy:               http.ProxyFromEnvironment,
+		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		MaxIdleConns:        c.maxInflight,
+		MaxIdleConnsPerHost: c.maxInflight,
+		IdleConnTimeout:     90 * time.Second,
+	}}}
+
+	var ready int32
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(rw http.ResponseWriter, _ *http.Request) { rw.Write([]byte("OK\n")) })
+	mux.HandleFunc("/readyz", func(rw http.ResponseWriter, _ *http.Request) {
+		if atomic.LoadInt32(&ready) == 0 {
+			rw.WriteHeader(http.StatusServiceUnavailable)
+		}
+	})
+	mux.HandleFunc("/metrics", func(rw http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintf(rw, "queue_worker_messages_processed_total %d\nqueue_worker_inflight %d\n",
+			atomic.LoadInt64(&w.processed), atomic.LoadInt64(&w.inflight))
+	})
+	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", c.metricsPort))
+	if err != nil {
+		log.Fatalf("metrics port %d: %v", c.metricsPort, err)
+	}
+	go http.Serve(ln, mux)
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	slots := make(chan struct{}, c.maxInflight) // a token per free slot
+	for i := 0; i < c.maxInflight; i++ {
+		slots <- struct{}{}
+	}
+	var wg sync.WaitGroup
+	atomic.StoreInt32(&ready, 1)
+	w.logLine("info", "ready", map[string]interface{}{"stream": c.stream, "durable": c.durable, "max_inflight": c.maxInflight})
+
+	for ctx.Err() == nil {
+		// Wait for one free slot, then take every other free one: Fetch that many.
+		select {
+		case <-slots:
+		case <-ctx.Done():
+			continue
+		}
+		free := 1
+	take:
+		for free < c.maxInflight {
+			select {
+			case <-slots:
+				free++
+			default:
+				break take
+			}
+		}
+		fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		msgs, err := sub.Fetch(free, nats.Context(fctx))
+		cancel()
+		if err != nil && err != nats.ErrTimeout && err != context.DeadlineExceeded && ctx.Err() == nil {
+			w.logLine("warn", "fetch failed", map[string]interface{}{"error": err.Error()})
+			time.Sleep(100 * time.Millisecond)
+		}
+		for i := len(msgs); i < free; i++ {
+			slots <- struct{}{}
+		}
+		for _, m := range msgs {
+			wg.Add(1)
+			atomic.AddInt64(&w.inflight, 1)
+			go func(m *nats.Msg) {
+				defer func() { atomic.AddInt64(&w.inflight, -1); slots <- struct{}{}; wg.Done() }()
+				w.handle(m)
+			}(m)
+		}
+	}
+
+	// SIGTERM: no more fetches; let in-flight calls finish (up to drain_timeout), flush the acks.
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(c.drainTimeout):
+		w.logLine("warn", "drain timeout; in-flight messages will be redelivered", map[string]interface{}{})
+	}
+	nc.FlushTimeout(2 * time.Second)
+	nc.Close()
+}
