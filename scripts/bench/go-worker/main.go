@@ -165,16 +165,30 @@ var hopByHop = map[string]bool{"Connection": true, "Keep-Alive": true, "Proxy-Au
 	"Proxy-Authorization": true, "Proxy-Connection": true, "Te": true, "Trailer": true,
 	"Transfer-Encoding": true, "Upgrade": true}
 
-func (w *worker) logLine(level, msg string, fields map[string]interface{}) {
-	w.logMu.Lock()
-	defer w.logMu.Unlock()
+// entry is one log line: a JSON object with log_encoding=json, else key=value text.
+type entry struct {
+	TS         string  `json:"ts"`
+	Level      string  `json:"level"`
+	Msg        string  `json:"msg"`
+	Function   string  `json:"function,omitempty"`
+	Status     int     `json:"status,omitempty"`
+	DurationMs float64 `json:"duration_ms,omitempty"`
+	CallID     string  `json:"call_id,omitempty"`
+	Error      string  `json:"error,omitempty"`
+}
+
+func (w *worker) logLine(e entry) {
+	e.TS = time.Now().UTC().Format(time.RFC3339Nano)
+	var line []byte
 	if w.c.logEncoding == "json" {
-		fields["level"], fields["msg"], fields["ts"] = level, msg, time.Now().UTC().Format(time.RFC3339Nano)
-		line, _ := json.Marshal(fields)
-		os.Stderr.Write(append(line, '\n'))
+		line, _ = json.Marshal(&e)
 	} else {
-		log.Printf("%s %s %v", level, msg, fields)
+		line = []byte(fmt.Sprintf("%s %s %s function=%s status=%d duration_ms=%.3f call_id=%s error=%q",
+			e.TS, e.Level, e.Msg, e.Function, e.Status, e.DurationMs, e.CallID, e.Error))
 	}
+	w.logMu.Lock()
+	os.Stderr.Write(append(line, '\n'))
+	w.logMu.Unlock()
 }
 
 // handle runs one message: decode, call, ack (or nak with a delay for a retry, or term when it
@@ -183,27 +197,38 @@ func (w *worker) handle(msg *nats.Msg) {
 	var req QueueRequest
 	if err := json.Unmarshal(msg.Data, &req); err != nil || req.Function == "" ||
 		strings.ContainsAny(req.Function, "/?#% ") {
-		w.logLine("warn", "malformed message; terminated", map[string]interface{}{"error": fmt.Sprint(err), "function": req.Function})
+		w.logLine(entry{Level: "warn", Msg: "malformed message; terminated",
+			Function: req.Function, Error: fmt.Sprint(err)})
 		msg.Term()
 		return
 	}
 	var keepAlive *time.Timer
-	keepAlive = time.AfterFunc(w.c.ackWait/4, func() { msg.InProgress(); keepAlive.Reset(w.c.ackWait / 4) })
+	var finished int32
+	keepAlive = time.AfterFunc(w.c.ackWait/4, func() {
+		if atomic.LoadInt32(&finished) == 0 {
+			msg.InProgress()
+			keepAlive.Reset(w.c.ackWait / 4)
+		}
+	})
 	status, body, dur, err := w.invoke(&req)
+	atomic.StoreInt32(&finished, 1)
 	keepAlive.Stop()
 
-	fields := map[string]interface{}{"function": req.Function, "status": status,
-		"duration_ms": float64(dur.Microseconds()) / 1e3, "call_id": req.Header.Get("X-Call-Id")}
+	e := entry{Level: "info", Msg: "invoked " + req.Function + ": " + strconv.Itoa(status),
+		Function: req.Function, Status: status, DurationMs: float64(dur.Microseconds()) / 1e3,
+		CallID: req.Header.Get("X-Call-Id")}
 	if err != nil {
-		fields["error"] = err.Error()
-		w.logLine("warn", "invoking "+req.Function+" failed", fields)
-	} else {
-		w.logLine("info", "invoked "+req.Function+": "+strconv.Itoa(status), fields)
+		e.Level, e.Msg, e.Error = "warn", "invoking "+req.Function+" failed", err.Error()
 	}
+	w.logLine(e)
 	if err != nil || w.c.retryCodes[status] {
 		if meta, merr := msg.Metadata(); merr == nil && int(meta.NumDelivered) < w.c.maxAttempts {
-			delay := w.c.retryWait << (meta.NumDelivered - 1)
-			if delay > w.c.maxWait || delay <= 0 {
+			// Exponential back-off from initial_retry_wait, capped at max_retry_wait.
+			delay := w.c.retryWait
+			for i := uint64(1); i < meta.NumDelivered && delay < w.c.maxWait; i++ {
+				delay *= 2
+			}
+			if delay > w.c.maxWait {
 				delay = w.c.maxWait
 			}
 			msg.NakWithDelay(delay)
@@ -264,7 +289,7 @@ func (w *worker) callback(req *QueueRequest, status int, body []byte, dur time.D
 		io.Copy(io.Discard, resp.Body)
 		resp.Body.Close()
 	} else {
-		w.logLine("warn", "callback failed", map[string]interface{}{"error": err.Error()})
+		w.logLine(entry{Level: "warn", Msg: "callback failed", Function: req.Function, Error: err.Error()})
 	}
 }
 
@@ -321,7 +346,8 @@ func main() {
 	}
 	var wg sync.WaitGroup
 	atomic.StoreInt32(&ready, 1)
-	w.logLine("info", "ready", map[string]interface{}{"stream": c.stream, "durable": c.durable, "max_inflight": c.maxInflight})
+	w.logLine(entry{Level: "info", Msg: fmt.Sprintf("ready: stream %s, consumer %s, max_inflight %d",
+		c.stream, c.durable, c.maxInflight)})
 
 	for ctx.Err() == nil {
 		// Wait for one free slot, then take every other free one: Fetch that many.
@@ -344,7 +370,7 @@ func main() {
 		msgs, err := sub.Fetch(free, nats.Context(fctx))
 		cancel()
 		if err != nil && err != nats.ErrTimeout && err != context.DeadlineExceeded && ctx.Err() == nil {
-			w.logLine("warn", "fetch failed", map[string]interface{}{"error": err.Error()})
+			w.logLine(entry{Level: "warn", Msg: "fetch failed", Error: err.Error()})
 			time.Sleep(100 * time.Millisecond)
 		}
 		for i := len(msgs); i < free; i++ {
@@ -366,7 +392,7 @@ func main() {
 	select {
 	case <-done:
 	case <-time.After(c.drainTimeout):
-		w.logLine("warn", "drain timeout; in-flight messages will be redelivered", map[string]interface{}{})
+		w.logLine(entry{Level: "warn", Msg: "drain timeout; in-flight messages will be redelivered"})
 	}
 	nc.FlushTimeout(2 * time.Second)
 	nc.Close()
