@@ -76,10 +76,11 @@ func envInt(name string, def, min int) int {
 	return n
 }
 
-func envDuration(name string, def time.Duration) time.Duration {
+// envDuration reads a Go duration; a zero one only when allowZero.
+func envDuration(name string, def time.Duration, allowZero bool) time.Duration {
 	v := env(name, def.String())
 	d, err := time.ParseDuration(v)
-	if err != nil || d < 0 {
+	if err != nil || d < 0 || (d == 0 && !allowZero) {
 		fail(name, v, "a duration such as 30s or 1m")
 	}
 	return d
@@ -101,11 +102,11 @@ func loadConfig() config {
 	c.maxAckPending = envInt("max_ack_pending", def, c.maxInflight)
 	c.maxAttempts = envInt("max_retry_attempts", 100, 1)
 	c.metricsPort = envInt("metrics_port", 8081, 0)
-	c.ackWait = envDuration("ack_wait", 60*time.Second)
-	c.upstreamTimeout = envDuration("upstream_timeout", 60*time.Second)
-	c.drainTimeout = envDuration("drain_timeout", c.upstreamTimeout)
-	c.retryWait = envDuration("initial_retry_wait", 10*time.Second)
-	c.maxWait = envDuration("max_retry_wait", 120*time.Second)
+	c.ackWait = envDuration("ack_wait", 60*time.Second, false)
+	c.upstreamTimeout = envDuration("upstream_timeout", 60*time.Second, false)
+	c.drainTimeout = envDuration("drain_timeout", c.upstreamTimeout, true)
+	c.retryWait = envDuration("initial_retry_wait", 10*time.Second, true)
+	c.maxWait = envDuration("max_retry_wait", 120*time.Second, true)
 	c.logEncoding = env("log_encoding", "console")
 	c.retryCodes = map[int]bool{}
 	for _, s := range strings.Split(env("retry_http_codes", "408,429,500,502,503,504"), ",") {
@@ -114,9 +115,6 @@ func loadConfig() config {
 			fail("retry_http_codes", s, "comma-separated HTTP status codes")
 		}
 		c.retryCodes[code] = true
-	}
-	if c.ackWait <= 0 || c.upstreamTimeout <= 0 {
-		fail("ack_wait/upstream_timeout", "0", "a duration above zero")
 	}
 	return c
 }
