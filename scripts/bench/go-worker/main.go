@@ -193,10 +193,17 @@ func (w *worker) logLine(e entry) {
 // can never succeed). The lease is kept alive with +WPI every ack_wait/4 while the call runs.
 func (w *worker) handle(msg *nats.Msg) {
 	var req QueueRequest
-	if err := json.Unmarshal(msg.Data, &req); err != nil || req.Function == "" ||
-		strings.ContainsAny(req.Function, "/?#% ") {
+	err := json.Unmarshal(msg.Data, &req)
+	if err == nil && (req.Function == "" || strings.ContainsAny(req.Function, "/?#% ")) {
+		err = fmt.Errorf("bad function name %q", req.Function)
+	}
+	var hr *http.Request
+	if err == nil {
+		hr, err = w.newRequest(&req)
+	}
+	if err != nil {
 		w.logLine(entry{Level: "warn", Msg: "malformed message; terminated",
-			Function: req.Function, Error: fmt.Sprint(err)})
+			Function: req.Function, Error: err.Error()})
 		msg.Term()
 		return
 	}
@@ -208,7 +215,7 @@ func (w *worker) handle(msg *nats.Msg) {
 			keepAlive.Reset(w.c.ackWait / 4)
 		}
 	})
-	status, body, dur, err := w.invoke(&req)
+	status, body, dur, err := w.invoke(hr)
 	atomic.StoreInt32(&finished, 1)
 	keepAlive.Stop()
 
@@ -240,8 +247,9 @@ func (w *worker) handle(msg *nats.Msg) {
 	atomic.AddInt64(&w.processed, 1)
 }
 
-func (w *worker) invoke(req *QueueRequest) (int, []byte, time.Duration, error) {
-	start := time.Now()
+// newRequest is the call of {gateway_url}/function/{Function}{Path or /}?{QueryString} with the
+// queued method (POST when empty), body and headers (less the hop-by-hop ones).
+func (w *worker) newRequest(req *QueueRequest) (*http.Request, error) {
 	path := req.Path
 	if path == "" {
 		path = "/"
@@ -258,13 +266,18 @@ func (w *worker) invoke(req *QueueRequest) (int, []byte, time.Duration, error) {
 	}
 	hr, err := http.NewRequest(method, u, bytes.NewReader(req.Body))
 	if err != nil {
-		return 503, nil, time.Since(start), err
+		return nil, err
 	}
 	for k, v := range req.Header {
 		if !hopByHop[http.CanonicalHeaderKey(k)] {
 			hr.Header[k] = v
 		}
 	}
+	return hr, nil
+}
+
+func (w *worker) invoke(hr *http.Request) (int, []byte, time.Duration, error) {
+	start := time.Now()
 	resp, err := w.client.Do(hr)
 	if err != nil {
 		return 503, nil, time.Since(start), err
@@ -275,7 +288,9 @@ func (w *worker) invoke(req *QueueRequest) (int, []byte, time.Duration, error) {
 }
 
 func (w *worker) callback(req *QueueRequest, status int, body []byte, dur time.Duration) {
-	hr, err := http.NewRequest(http.MethodPost, req.CallbackURL.String(), bytes.NewReader(body))
+	cb := *req.CallbackURL
+	cb.User = nil // the gateway's JSON drops the password, so no userinfo can be rebuilt
+	hr, err := http.NewRequest(http.MethodPost, cb.String(), bytes.NewReader(body))
 	if err != nil {
 		return
 	}
