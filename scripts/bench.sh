@@ -18,13 +18,34 @@
 #   BENCH_FLAT_COUNT=100000  messages queued for the memory flatness case
 #   BENCH_CASES=J,H,E,E10,BODY,IDLE,FLAT,SIZE   the cases to run
 #   BENCH_E_INFLIGHT="1 16 100 512"   max_inflight values of the no-op case E
+#   BENCH_E10_INFLIGHT="16 100 512"   max_inflight values of the 10 ms case E10
+#   BENCH_PEER=1             run the Go peer beside the worker in E and E10 (0: skip it)
+#   BENCH_PEER_BIN=target/go/bin/go-worker   the Go peer (built here unless BENCH_SKIP_BUILD=1)
 #   BENCH_TIMEOUT=300        seconds one worker run may take before the harness gives up
 #   BENCH_STALL=30           ... or may go without a single function call
-#   BENCH_SKIP_BUILD=1       do not run cargo (use the binaries as they are)
+#   BENCH_SKIP_BUILD=1       do not run cargo or go (use the binaries as they are)
 #   BENCH_BIN_DIR=target/release/examples   where bench-function and bench-ceiling are
 #   BENCH_WORKER=target/release/queue-worker
 #   BENCH_KEEP_TMP=1         keep the temp dir (nats store, logs) for inspection
 #   NATS_SERVER_BIN          nats-server to use (default: the one on PATH)
+#
+# The Go peer (scripts/bench/go-worker/main.go) is a JetStream queue-worker written the way the
+# OpenFaaS one is documented: one pull subscription on the durable consumer, Fetch of as many
+# messages as there are free slots (max_inflight), a goroutine per message, in-progress acks
+# (+WPI every ack_wait/4) while the call runs, a keep-alive http.Client (MaxIdleConnsPerHost =
+# max_inflight), an ack after the call. It reads the worker's env names and creates the same
+# work-queue stream and durable consumer (explicit ack, max_ack_pending, max_waiting) when they
+# are missing. It is built with Debian's golang-go and golang-github-nats-io-go-nats-dev (1.22)
+# in GOPATH mode, since the Go module proxy may be unreachable:
+#   GO111MODULE=off GOPROXY=off GOPATH=$PWD/target/go:/usr/share/gocode \
+#       go build -o target/go/bin/go-worker ./scripts/bench/go-worker
+# and the harness installs both packages with apt-get when they are missing (as root).
+# In the E and E10 cases each run of the worker (A) is followed by a run of the peer (B) on a
+# fresh stream with the same number of freshly queued messages, the same function server and
+# the same settings (A B A B ...), so drift of the machine hits both alike. The table "Beside
+# the Go peer" shows both side by side: msg/s from ready, worker CPU seconds (user + system)
+# per 10,000 messages and peak RSS (VmHWM); each ratio column is this worker / the Go peer,
+# the median of the per-pair ratios (higher is better for msg/s, lower for CPU and RSS).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -45,6 +66,9 @@ BODY_TOTAL=${BENCH_BODY_TOTAL:-1073741824}
 CASES=,${BENCH_CASES:-J,H,E,E10,BODY,IDLE,FLAT,SIZE},
 TIMEOUT=${BENCH_TIMEOUT:-300}
 E_INFLIGHT=${BENCH_E_INFLIGHT:-1 16 100 512}
+E10_INFLIGHT=${BENCH_E10_INFLIGHT:-16 100 512}
+PEER=${BENCH_PEER:-1}
+PEER_BIN=${BENCH_PEER_BIN:-target/go/bin/go-worker}
 STALL=${BENCH_STALL:-30}
 BIN_DIR=${BENCH_BIN_DIR:-target/release/examples}
 WORKER=${BENCH_WORKER:-target/release/queue-worker}
@@ -111,6 +135,24 @@ build() {
     if [[ ${BENCH_SKIP_BUILD:-0} == 1 ]]; then return; fi
     log "bench: building"
     cargo build --release --locked --bin queue-worker --examples
+    if [[ $PEER == 1 ]] && { want E || want E10; }; then build_peer; fi
+}
+
+# The Go peer, in GOPATH mode against Debian's go-nats (see the header).
+build_peer() {
+    local gocode=/usr/share/gocode
+    if ! command -v go >/dev/null || [[ ! -d $gocode/src/github.com/nats-io/nats.go ]]; then
+        [[ $(id -u) == 0 ]] || die "the Go peer needs golang-go and golang-github-nats-io-go-nats-dev \
+(apt-get install them, or set BENCH_PEER=0)"
+        log "bench: installing golang-go and golang-github-nats-io-go-nats-dev"
+        apt-get update -qq >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go \
+            golang-github-nats-io-go-nats-dev >&2
+    fi
+    log "bench: building the Go peer ($(go version))"
+    mkdir -p "$ROOT/target/go"
+    GO111MODULE=off GOPROXY=off GOFLAGS='' GOPATH="$ROOT/target/go:$gocode" \
+        GOCACHE="$ROOT/target/go/cache" go build -o "$PEER_BIN" ./scripts/bench/go-worker
 }
 
 # Sets NATS_PID, NATS_URL, NATS_MON.
@@ -176,15 +218,18 @@ delete_stream() {
     "$CEIL" delete-stream --nats "$NATS_URL" --stream "$1" 2>>"$TMP/fill.log"
 }
 
-# start_worker MAX_INFLIGHT FN_PORT STREAM: sets WORKER_PID, WORKER_T0 (us), WORKER_METRICS.
+# start_worker MAX_INFLIGHT FN_PORT STREAM [BINARY]: sets WORKER_PID, WORKER_T0 (us),
+# WORKER_METRICS and WORKER_LOG. BINARY is the worker (default) or the Go peer.
 start_worker() {
-    local port
+    local port bin=${4:-$WORKER}
     port=$(free_port)
     WORKER_METRICS=http://127.0.0.1:$port
+    WORKER_LOG=$TMP/worker.log
+    [[ $bin == "$WORKER" ]] || WORKER_LOG=$TMP/peer.log
     WORKER_T0=$(now_us)
     nats_url=$NATS_URL nats_stream=$3 queue_name=$3 nats_durable=$DURABLE \
         gateway_url=http://127.0.0.1:$2 max_inflight=$1 metrics_port=$port ack_wait=60s \
-        log_encoding=json "$WORKER" >>"$TMP/worker.log" 2>&1 &
+        log_encoding=json "$bin" >>"$WORKER_LOG" 2>&1 &
     WORKER_PID=$!
     PIDS+=("$WORKER_PID")
 }
@@ -193,7 +238,7 @@ start_worker() {
 wait_ready() {
     READY_US=$("$CEIL" wait-http --url "$WORKER_METRICS/readyz" \
         --fallback-url "$WORKER_METRICS/healthz" --interval-ms 2 --timeout-s 60 \
-        --pid "$WORKER_PID") || die "worker never became ready; log: $(tail -5 "$TMP/worker.log")"
+        --pid "$WORKER_PID") || die "worker never became ready; log: $(tail -5 "$WORKER_LOG")"
 }
 
 # SIGTERM, then wait (SIGKILL after 30 s). Sets WORKER_RC.
@@ -221,18 +266,19 @@ sample_proc() {
     CPU_TICKS=$((f[11] + f[12]))
 }
 
-# run_worker_until CASE N MAX_INFLIGHT FN_PORT BODY_BYTES: one end-to-end run. Rates use the
-# time the function saw its Nth call; "from first call" also starts at the function's clock.
+# run_worker_until CASE N MAX_INFLIGHT FN_PORT BODY_BYTES [BINARY]: one end-to-end run of the
+# worker (or of BINARY, the Go peer). Rates use the time the function saw its Nth call; "from
+# first call" also starts at the function's clock.
 run_worker_until() {
-    local case=$1 n=$2 k=$3 port=$4 body=$5 stats first_us last_us cpu_s
+    local case=$1 n=$2 k=$3 port=$4 body=$5 bin=${6:-$WORKER} stats first_us last_us cpu_s
     new_stream
     reset_count "$port"
     fill "$STREAM" "$n" "$body"
-    start_worker "$k" "$port" "$STREAM"
+    start_worker "$k" "$port" "$STREAM" "$bin"
     wait_ready
     stats=$("$CEIL" wait-count --url "http://127.0.0.1:$port/_stats" --target "$n" \
         --interval-ms 20 --timeout-s "$TIMEOUT" --stall-s "$STALL" --pid "$WORKER_PID") ||
-        die "$case: the function did not see $n calls; log: $(tail -5 "$TMP/worker.log")"
+        die "$case: the function did not see $n calls; log: $(tail -5 "$WORKER_LOG")"
     sample_proc "$WORKER_PID"
     stop_worker
     delete_stream "$STREAM"
@@ -298,21 +344,28 @@ case_h() {   # HTTP ceiling: bench-ceiling http against the no-op function (100 
     done
 }
 
-case_e() {   # worker, no-op function
+# The Go peer's runs are recorded as G-... beside the worker's E-... (same suffix).
+case_e() {   # worker, no-op function (and the Go peer, interleaved)
     local run k
     for k in $E_INFLIGHT; do
         for run in $(seq "$RUNS"); do
             run_worker_until "E-noop-$k" "$COUNT" "$k" "$FN_PORT" "$BODY"
+            if [[ $PEER == 1 ]]; then
+                run_worker_until "G-noop-$k" "$COUNT" "$k" "$FN_PORT" "$BODY" "$PEER_BIN"
+            fi
         done
     done
 }
 
-case_e10() {   # worker, 10 ms function
+case_e10() {   # worker, 10 ms function (and the Go peer, interleaved)
     local run k
-    for k in 16 100; do
+    for k in $E10_INFLIGHT; do
         for run in $(seq "$RUNS"); do
             run_worker_until "E-10ms-$k" "$COUNT" "$k" "$FN10_PORT" "$BODY"
             record "E-10ms-$k" ideal_per_sec msg/s "$(calc "$k / 0.010")"
+            if [[ $PEER == 1 ]]; then
+                run_worker_until "G-10ms-$k" "$COUNT" "$k" "$FN10_PORT" "$BODY" "$PEER_BIN"
+            fi
         done
     done
 }
@@ -440,8 +493,46 @@ ratios = {
 env = {k: os.environ.get(k) for k in ("BENCH_COUNT_EFFECTIVE", "BENCH_RUNS_EFFECTIVE",
                                       "BENCH_BODY_SIZE_EFFECTIVE", "BENCH_FLAT_COUNT_EFFECTIVE",
                                       "BENCH_WORKER", "NATS_VERSION", "CPU_MODEL", "NPROC",
-                                      "KERNEL", "GIT_REV", "DATE")}
-doc = {"meta": env, "results": list(groups.values()), "ratios": ratios}
+                                      "KERNEL", "GIT_REV", "DATE", "PEER_VERSION",
+                                      "LOADAVG")}
+
+# The Go peer beside the worker: E-x is this worker, G-x the peer on the same case. Each ratio
+# is this / Go, the median of the per-pair ratios (run i of E-x against run i of G-x, which ran
+# right after it); the ratio of the medians when the runs do not pair up.
+def values(case, metric):
+    g = groups.get((case, metric))
+    return g["values"] if g else []
+
+def pair_ratio(case, metric):
+    a, b = values("E-" + case, metric), values("G-" + case, metric)
+    if a and b and len(a) == len(b) and all(b):
+        return statistics.median(x / y for x, y in zip(a, b))
+    return ratio(med("E-" + case, metric), med("G-" + case, metric))
+
+def rate_metric(case):
+    both = values("E-" + case, "per_sec_ready"), values("G-" + case, "per_sec_ready")
+    runs = len(values("E-" + case, "messages")), len(values("G-" + case, "messages"))
+    return "per_sec_ready" if (len(both[0]), len(both[1])) == runs else "per_sec_first"
+
+peer_cases = [(f"noop-{k}", f"no-op, max_inflight {k}") for k in (1, 16, 100, 512)]
+peer_cases += [(f"10ms-{k}", f"10 ms function, max_inflight {k} (ideal {k * 100:,}/s)")
+               for k in (16, 100, 512)]
+peer = []
+for c, label in peer_cases:
+    if (f"G-{c}", "messages") not in groups or (f"E-{c}", "messages") not in groups:
+        continue
+    m = rate_metric(c)
+    peer.append({"case": c, "label": label, "rate_metric": m,
+                 "this_per_sec": med("E-" + c, m), "go_per_sec": med("G-" + c, m),
+                 "per_sec_ratio": pair_ratio(c, m),
+                 "this_cpu_s_per_10k": med("E-" + c, "cpu_s_per_10k"),
+                 "go_cpu_s_per_10k": med("G-" + c, "cpu_s_per_10k"),
+                 "cpu_ratio": pair_ratio(c, "cpu_s_per_10k"),
+                 "this_hwm_mib": med("E-" + c, "hwm_mib"), "go_hwm_mib": med("G-" + c, "hwm_mib"),
+                 "hwm_ratio": pair_ratio(c, "hwm_mib"),
+                 "pairs": min(len(values("E-" + c, "messages")), len(values("G-" + c, "messages")))})
+
+doc = {"meta": env, "results": list(groups.values()), "ratios": ratios, "peer": peer}
 with open(out_path, "w") as f:
     json.dump(doc, f, indent=2)
     f.write("\n")
@@ -470,7 +561,8 @@ p = print
 p(f"## queue-worker benchmark\n")
 p(f"{env['BENCH_COUNT_EFFECTIVE']} messages per run, {env['BENCH_RUNS_EFFECTIVE']} run(s) per case, "
   f"median [min–max]; {env['BENCH_BODY_SIZE_EFFECTIVE']}-byte bodies unless stated. "
-  f"{env['NATS_VERSION']}; {env['NPROC']} × {env['CPU_MODEL']}; {env['KERNEL']}.\n")
+  f"{env['NATS_VERSION']}; {env['NPROC']} × {env['CPU_MODEL']}; {env['KERNEL']}; "
+  f"load average at start {env['LOADAVG']}.\n")
 
 ceilings = [("J-16x100", "J: JetStream consume+ack, 16 threads × batch 100", "per_sec"),
             ("J-100x1", "J: JetStream consume+ack, 100 threads × batch 1", "per_sec"),
@@ -485,7 +577,7 @@ if any(has(c) for c, _, _ in ceilings):
     p()
 
 e_cases = [(f"E-noop-{k}", f"no-op function, max_inflight {k}") for k in (1, 16, 100, 512)]
-e_cases += [(f"E-10ms-{k}", f"10 ms function, max_inflight {k} (ideal {k * 100:,}/s)") for k in (16, 100)]
+e_cases += [(f"E-10ms-{k}", f"10 ms function, max_inflight {k} (ideal {k * 100:,}/s)") for k in (16, 100, 512)]
 e_cases += [(f"E-body-{s}", f"{name} bodies, no-op, max_inflight 16")
             for s, name in ((1024, "1 KiB"), (65536, "64 KiB"), (921600, "900 KiB"))]
 if any(has(c) for c, _ in e_cases):
@@ -498,6 +590,21 @@ if any(has(c) for c, _ in e_cases):
             p(f"| {label} | {cell(c, 'per_sec_ready')} | {cell(c, 'per_sec_start')} | "
               f"{cell(c, 'per_sec_first')} | {cell(c, 'body_mb_per_sec')} | {cell(c, 'hwm_mib')} | {cell(c, 'cpu_s_per_10k')} | "
               f"{cell(c, 'ready_ms')} | {cell(c, 'messages')} |")
+    p()
+
+if peer:
+    p(f"### Beside the Go peer ({env['PEER_VERSION']})\n")
+    p("Interleaved runs (this worker, then the Go peer, on freshly queued messages); medians; "
+      "each ratio is this / Go, the median of the per-pair ratios.\n")
+    p("| Case | this msg/s | Go msg/s | msg/s ratio | this CPU s/10k | Go CPU s/10k | CPU ratio | "
+      "this peak RSS MiB | Go peak RSS MiB | RSS ratio |")
+    p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in peer:
+        star = "" if r["rate_metric"] == "per_sec_ready" else " (from first call)"
+        p(f"| {r['label']}{star} | {fmt(r['this_per_sec'])} | {fmt(r['go_per_sec'])} | "
+          f"{fmt(r['per_sec_ratio'])} | {fmt(r['this_cpu_s_per_10k'])} | {fmt(r['go_cpu_s_per_10k'])} | "
+          f"{fmt(r['cpu_ratio'])} | {fmt(r['this_hwm_mib'])} | {fmt(r['go_hwm_mib'])} | "
+          f"{fmt(r['hwm_ratio'])} |")
     p()
 
 if has("idle-512"):
@@ -539,6 +646,13 @@ main() {
     if want E || want E10 || want BODY || want IDLE || want FLAT; then
         [[ -x $WORKER ]] || die "$WORKER missing (cargo build --release --bin queue-worker)"
     fi
+    PEER_VERSION=none
+    if [[ $PEER == 1 ]] && { want E || want E10; }; then
+        [[ -x $PEER_BIN ]] || die "$PEER_BIN missing (run without BENCH_SKIP_BUILD=1 to build \
+it, or set BENCH_PEER=0)"
+        PEER_VERSION="$PEER_BIN, $(go version 2>/dev/null | awk '{ print $3 }'), go-nats \
+$(dpkg-query -W -f '${Version}' golang-github-nats-io-go-nats-dev 2>/dev/null || echo '?')"
+    fi
 
     start_nats
     start_function FN_PORT
@@ -550,8 +664,10 @@ main() {
     DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ) NPROC=$(nproc) KERNEL=$(uname -sr)
     CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
     GIT_REV=$(git rev-parse --short HEAD 2>/dev/null || echo none)
+    LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
     export BENCH_COUNT_EFFECTIVE BENCH_RUNS_EFFECTIVE BENCH_BODY_SIZE_EFFECTIVE \
-        BENCH_FLAT_COUNT_EFFECTIVE BENCH_WORKER NATS_VERSION DATE NPROC KERNEL CPU_MODEL GIT_REV
+        BENCH_FLAT_COUNT_EFFECTIVE BENCH_WORKER NATS_VERSION DATE NPROC KERNEL CPU_MODEL GIT_REV \
+        PEER_VERSION LOADAVG
 
     want J && case_j
     want H && case_h
