@@ -36,7 +36,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::*;
 
-const STREAM: &str = "faas-request";
+/// The stream the worker creates for the default queue.
+const STREAM: &str = "OF_faas-request";
+/// The default queue: requests are published to it or to a subject under it.
+const QUEUE: &str = "faas-request";
 const DURABLE: &str = "faas-workers";
 const FUNCTION: &str = "work";
 const MAX_INFLIGHT: usize = 8;
@@ -1122,7 +1125,7 @@ fn c12_hostile_messages() {
         let nc = connect(&nats.url());
         let mut kinds = BTreeMap::new();
         for (id, what, data, expect) in &hostile {
-            publish_raw(&nc, STREAM, data);
+            publish_raw(&nc, QUEUE, data);
             kinds.insert(id.clone(), *what);
             match expect {
                 Expect::Invoked => run.expected.push(id.clone()),
