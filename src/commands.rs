@@ -56,7 +56,7 @@ pub fn publish(config: &Config, args: &PublishArgs) -> Result<(), Error> {
             buf
         }
     };
-    let broker = Broker::connect_once(&config.nats_urls, None)?;
+    let broker = Broker::connect_once(config.into(), None)?;
     broker.ensure(&QueueSpec::from(config))?;
     let mut ids = Vec::with_capacity(args.count);
     let messages: Vec<OutMessage> = (0..args.count)
@@ -103,7 +103,7 @@ pub fn publish(config: &Config, args: &PublishArgs) -> Result<(), Error> {
 
 /// Prints the stream and consumer counters.
 pub fn status(config: &Config, json: bool) -> Result<(), Error> {
-    let broker = Broker::connect_once(&config.nats_urls, None)?;
+    let broker = Broker::connect_once(config.into(), None)?;
     let state = broker.queue_state(&config.stream, &config.durable)?;
     broker.close();
     if json {

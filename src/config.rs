@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The validated configuration of the worker and of its subcommands.
@@ -13,6 +14,10 @@ use std::time::Duration;
 pub struct Config {
     /// NATS servers, `nats://host:port` each.
     pub nats_urls: Vec<String>,
+    /// How the worker proves who it is to NATS.
+    pub auth: NatsAuth,
+    /// TLS towards NATS: on with a `tls://` URL, a CA file or a client certificate.
+    pub tls: Option<NatsTls>,
     pub stream: String,
     /// The subject of the queue (`queue_name`).
     pub subject: String,
@@ -33,6 +38,51 @@ pub struct Config {
     pub metrics_port: u16,
     pub retry: RetryConfig,
     pub dead_letter_subject: Option<String>,
+}
+
+/// A secret value: `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// How the worker authenticates to NATS (one mode at a time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatsAuth {
+    /// No credentials of its own (a `nats://user:pass@host` URL still sends its own).
+    None,
+    /// `nats_token` / `nats_token_file`.
+    Token(Secret),
+    /// `nats_user` with `nats_password` / `nats_password_file`.
+    UserPassword { user: String, password: Secret },
+    /// The contents of `nats_creds_file`: a NATS 2 user JWT and its nkey seed.
+    Credentials(Secret),
+    /// The seed read from `nats_nkey_seed_file`.
+    NkeySeed(Secret),
+}
+
+/// TLS towards NATS: the private CA to trust and a client certificate, both optional (no CA
+/// file: the system's roots).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NatsTls {
+    pub ca_file: Option<PathBuf>,
+    /// Certificate and key files.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// Where a stream created by the worker keeps its messages.
@@ -129,6 +179,64 @@ struct Draft {
     c: Config,
     nats_host: String,
     nats_port: u16,
+    nats: NatsDraft,
+}
+
+/// The authentication and TLS settings as given, resolved into [`NatsAuth`] and [`NatsTls`]
+/// once all are read.
+#[derive(Default)]
+struct NatsDraft {
+    token: Option<Secret>,
+    token_file: Option<Secret>,
+    user: Option<String>,
+    password: Option<Secret>,
+    password_file: Option<Secret>,
+    creds: Option<Secret>,
+    nkey_seed: Option<Secret>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+}
+
+/// Settings whose values are never shown, not even in an error.
+const SECRET_SETTINGS: &[&str] = &["nats_token", "nats_password"];
+
+/// What an error shows of a setting's value.
+fn shown_value(var: &str, value: String) -> String {
+    if SECRET_SETTINGS.contains(&var) {
+        "(hidden)".into()
+    } else if var == "nats_url" {
+        value
+            .split(',')
+            .map(crate::broker::redact)
+            .collect::<Vec<_>>()
+            .join(",")
+    } else {
+        value
+    }
+}
+
+/// Reads a file named by a setting (the form in which OpenFaaS mounts secrets).
+fn read_file(path: &str) -> Result<String, Refusal> {
+    std::fs::read_to_string(path).map_err(|e| format!("a readable file ({e})"))
+}
+
+/// A secret from a file, without its trailing newline.
+fn secret_file(path: &str) -> Result<Secret, Refusal> {
+    let text = read_file(path)?;
+    let value = text.trim_end_matches(['\n', '\r']);
+    if value.is_empty() {
+        return Err("a file that is not empty".into());
+    }
+    Ok(Secret::new(value))
+}
+
+/// A readable PEM file.
+fn pem_file(path: &str) -> Result<PathBuf, Refusal> {
+    if !read_file(path)?.contains("-----BEGIN ") {
+        return Err("a PEM file (-----BEGIN ...)".into());
+    }
+    Ok(PathBuf::from(path))
 }
 
 const NAME: &str = "a name of letters, digits, '-' and '_' (no '.', '*', '>' or spaces)";
@@ -187,6 +295,105 @@ pub(crate) const SETTINGS: &[Setting] = &[
         help: "comma-separated `nats://` URLs of a cluster; overrides host/port",
         apply: |d, v| {
             d.c.nats_urls = with(v, "comma-separated nats://host:port URLs", parse_nats_urls)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_token",
+        default: DefaultIs::Unset,
+        help: "token to authenticate to NATS (prefer `nats_token_file`)",
+        apply: |d, v| {
+            d.nats.token = Some(Secret::new(v));
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_token_file",
+        default: DefaultIs::Unset,
+        help: "file holding the NATS token (a mounted secret; trailing newline ignored)",
+        apply: |d, v| {
+            d.nats.token_file = Some(secret_file(v)?);
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_user",
+        default: DefaultIs::Unset,
+        help: "user to authenticate to NATS, with `nats_password` or `nats_password_file`",
+        apply: |d, v| {
+            d.nats.user = Some(v.to_string());
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_password",
+        default: DefaultIs::Unset,
+        help: "password of `nats_user` (prefer `nats_password_file`)",
+        apply: |d, v| {
+            d.nats.password = Some(Secret::new(v));
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_password_file",
+        default: DefaultIs::Unset,
+        help: "file holding the password of `nats_user` (trailing newline ignored)",
+        apply: |d, v| {
+            d.nats.password_file = Some(secret_file(v)?);
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_creds_file",
+        default: DefaultIs::Unset,
+        help: "NATS 2 credentials file (user JWT and nkey seed)",
+        apply: |d, v| {
+            let text = read_file(v)?;
+            if !(text.contains("BEGIN NATS USER JWT") && text.contains("BEGIN USER NKEY SEED")) {
+                return Err("a NATS credentials file (user JWT and nkey seed)".into());
+            }
+            d.nats.creds = Some(Secret::new(text));
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_nkey_seed_file",
+        default: DefaultIs::Unset,
+        help: "file holding a user nkey seed (`SU...`) to authenticate to NATS",
+        apply: |d, v| {
+            let seed = secret_file(v)?;
+            let seed = Secret::new(seed.expose().trim());
+            if !crate::broker::valid_nkey_seed(seed.expose()) {
+                return Err("a file holding a user nkey seed (SU...)".into());
+            }
+            d.nats.nkey_seed = Some(seed);
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_tls_ca_file",
+        default: DefaultIs::Unset,
+        help: "PEM file of the CA that signed the NATS server's certificate; turns TLS on",
+        apply: |d, v| {
+            d.nats.ca_file = Some(pem_file(v)?);
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_tls_cert_file",
+        default: DefaultIs::Unset,
+        help: "PEM client certificate for NATS (with `nats_tls_key_file`); turns TLS on",
+        apply: |d, v| {
+            d.nats.cert_file = Some(pem_file(v)?);
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_tls_key_file",
+        default: DefaultIs::Unset,
+        help: "PEM private key of `nats_tls_cert_file`",
+        apply: |d, v| {
+            d.nats.key_file = Some(pem_file(v)?);
             Ok(())
         },
     },
@@ -464,12 +671,13 @@ impl Config {
             c: Config::blank(),
             nats_host: String::new(),
             nats_port: 0,
+            nats: NatsDraft::default(),
         };
         for s in SETTINGS {
             let Some(value) = effective(s) else { continue };
             (s.apply)(&mut draft, &value).map_err(|expected| ConfigError {
                 var: s.name,
-                value,
+                value: shown_value(s.name, value),
                 expected,
             })?;
         }
@@ -477,6 +685,7 @@ impl Config {
             mut c,
             nats_host,
             nats_port,
+            nats,
         } = draft;
         if c.nats_urls.is_empty() {
             c.nats_urls = vec![format!("nats://{nats_host}:{nats_port}")];
@@ -484,9 +693,13 @@ impl Config {
         // Rules between settings.
         let refuse = |var: &'static str, expected: String| ConfigError {
             var,
-            value: effective(setting(var).expect("a setting")).unwrap_or_default(),
+            value: shown_value(
+                var,
+                effective(setting(var).expect("a setting")).unwrap_or_default(),
+            ),
             expected,
         };
+        (c.auth, c.tls) = nats.resolve(&c.nats_urls).map_err(|(var, e)| refuse(var, e))?;
         if get("max_ack_pending").is_none() {
             c.max_ack_pending = c.max_ack_pending.max(c.max_inflight.get());
         } else if c.max_ack_pending < c.max_inflight.get() {
@@ -518,6 +731,8 @@ impl Config {
     fn blank() -> Config {
         Config {
             nats_urls: Vec::new(),
+            auth: NatsAuth::None,
+            tls: None,
             stream: String::new(),
             subject: String::new(),
             durable: String::new(),
@@ -547,6 +762,89 @@ impl Config {
             },
             dead_letter_subject: None,
         }
+    }
+}
+
+impl NatsDraft {
+    /// One authentication mode and the TLS settings, or the variable that contradicts another.
+    fn resolve(self, urls: &[String]) -> Result<(NatsAuth, Option<NatsTls>), (&'static str, Refusal)> {
+        let both = |a: &'static str, b: &str| (a, format!("either {a} or {b}, not both"));
+        let token = match (self.token, self.token_file) {
+            (Some(_), Some(_)) => return Err(both("nats_token", "nats_token_file")),
+            (t, f) => t.or(f),
+        };
+        let password = match (self.password, self.password_file) {
+            (Some(_), Some(_)) => return Err(both("nats_password", "nats_password_file")),
+            (p, f) => p.or(f),
+        };
+        let url_user = urls.iter().any(|u| crate::broker::has_userinfo(u));
+        // Each mode that is asked for, by the variable that asks for it.
+        let mut modes: Vec<(&'static str, NatsAuth)> = Vec::new();
+        if let Some(t) = token {
+            modes.push(("nats_token", NatsAuth::Token(t)));
+        }
+        match (self.user, password) {
+            (Some(user), Some(password)) => {
+                modes.push(("nats_user", NatsAuth::UserPassword { user, password }))
+            }
+            (Some(_), None) => {
+                return Err((
+                    "nats_user",
+                    "a user with nats_password or nats_password_file".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(("nats_password", "a password with nats_user set".into()))
+            }
+            (None, None) => {}
+        }
+        if let Some(creds) = self.creds {
+            modes.push(("nats_creds_file", NatsAuth::Credentials(creds)));
+        }
+        if let Some(seed) = self.nkey_seed {
+            modes.push(("nats_nkey_seed_file", NatsAuth::NkeySeed(seed)));
+        }
+        if url_user && !modes.is_empty() {
+            return Err((
+                "nats_url",
+                format!(
+                    "URLs without user:password@ when {} is set (one authentication mode at a time)",
+                    modes[0].0
+                ),
+            ));
+        }
+        if modes.len() > 1 {
+            return Err((
+                modes[1].0,
+                format!(
+                    "unset: {} is set too (one authentication mode at a time)",
+                    modes[0].0
+                ),
+            ));
+        }
+        let auth = modes.pop().map_or(NatsAuth::None, |(_, a)| a);
+        let client_cert = match (self.cert_file, self.key_file) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (Some(_), None) => {
+                return Err((
+                    "nats_tls_cert_file",
+                    "a certificate with nats_tls_key_file set to its key".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err((
+                    "nats_tls_key_file",
+                    "a key with nats_tls_cert_file set to its certificate".into(),
+                ))
+            }
+            (None, None) => None,
+        };
+        let tls_url = urls.iter().any(|u| u.starts_with("tls://"));
+        let tls = (tls_url || self.ca_file.is_some() || client_cert.is_some()).then_some(NatsTls {
+            ca_file: self.ca_file,
+            client_cert,
+        });
+        Ok((auth, tls))
     }
 }
 

@@ -193,7 +193,7 @@ fn serve(
         fatal: fatal_tx.clone(),
     });
     let stop_requested = |wait: Duration| shutdown.recv_timeout(wait).is_ok();
-    let connected = Broker::connect(&config.nats_urls, events, &stop_requested);
+    let connected = Broker::connect(config.into(), events, &stop_requested);
     let broker = match connected {
         Ok(b) => Arc::new(b),
         Err(BrokerError::Interrupted) => {
@@ -203,7 +203,8 @@ fn serve(
         Err(e) => return Err(e.into()),
     };
     health.set_connected(true);
-    log::info!("connected to NATS at {}", config.nats_urls.join(","));
+    let shown: Vec<String> = config.nats_urls.iter().map(|u| broker::redact(u)).collect();
+    log::info!("connected to NATS at {}", shown.join(","));
 
     let spec = QueueSpec::from(config);
     let bound = broker.ensure(&spec)?;
