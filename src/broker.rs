@@ -247,8 +247,9 @@ fn options(access: Access<'_>) -> Result<nats::Options, String> {
 /// What a server's refusal means, when a connect error is one that retrying cannot fix: bad
 /// credentials, an untrusted or expired certificate, TLS required or refused, unusable local
 /// TLS files. `None` for the errors of a server that is merely down or unreachable.
-fn refusal(e: &io::Error) -> Option<String> {
+fn refusal(e: &io::Error, access: Access<'_>) -> Option<String> {
     let text = e.to_string();
+    let client_cert = access.tls.is_some_and(|t| t.client_cert.is_some());
     let lower = text.to_ascii_lowercase();
     let has = |needle: &str| lower.contains(needle);
     let why = if has("authorization violation") {
@@ -260,7 +261,10 @@ fn refusal(e: &io::Error) -> Option<String> {
     } else if has("secure connection - tls required") || has("tls required") {
         "TLS required (use a tls:// URL or set nats_tls_ca_file)".to_string()
     } else if has("invalid peer certificate") {
-        let what = if has("unknownissuer") {
+        let what = if has("unknownissuer") && access.tls.is_none() {
+            "unknown CA: the server requires TLS and its certificate is not signed by a system \
+             root (set nats_tls_ca_file)"
+        } else if has("unknownissuer") {
             "unknown CA: the server's certificate is not signed by nats_tls_ca_file (or a system root)"
         } else if has("expired") {
             "expired certificate: the server's certificate has expired"
@@ -271,8 +275,8 @@ fn refusal(e: &io::Error) -> Option<String> {
         };
         format!("{what} ({text})")
     } else if has("received fatal alert") {
-        let what = if has("certificaterequired") {
-            "the server requires a client certificate (nats_tls_cert_file)"
+        let what = if has("certificaterequired") || (!client_cert && has("badcertificate")) {
+            "the server requires a client certificate (set nats_tls_cert_file and nats_tls_key_file)"
         } else if has("certificateexpired") {
             "the server refused the client certificate as expired"
         } else if has("unknownca") || has("badcertificate") {
@@ -281,12 +285,12 @@ fn refusal(e: &io::Error) -> Option<String> {
             "the server refused the TLS handshake"
         };
         format!("{what} ({text})")
+    } else if has("corrupt message") || has("invalidcontenttype") {
+        format!("the server does not offer TLS, which a tls:// URL or nats_tls_* asks for ({text})")
     } else if has("could not load certs")
         || has("could not add certificate or key")
         || has("found certificate, but no key")
         || has("no keys found")
-        || has("corrupt message")
-        || has("invalidcontenttype")
     {
         format!("TLS: {text}")
     } else {
@@ -360,18 +364,19 @@ impl Broker {
                 })
                 .close_callback(on(&gate, |e| e.closed()));
         }
-        let nc = options
-            .connect(joined.as_str())
-            .map_err(|source| match refusal(&source) {
-                Some(why) => BrokerError::Refused {
-                    urls: shown.clone(),
-                    why,
-                },
-                None => BrokerError::Connect {
-                    urls: shown.clone(),
-                    source,
-                },
-            })?;
+        let nc =
+            options
+                .connect(joined.as_str())
+                .map_err(|source| match refusal(&source, access) {
+                    Some(why) => BrokerError::Refused {
+                        urls: shown.clone(),
+                        why,
+                    },
+                    None => BrokerError::Connect {
+                        urls: shown.clone(),
+                        source,
+                    },
+                })?;
         gate.store(true, Ordering::SeqCst);
         let inbox = nc.new_inbox();
         let flusher = Flusher::spawn(&nc).map_err(|source| BrokerError::Connect {

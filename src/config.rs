@@ -699,7 +699,9 @@ impl Config {
             ),
             expected,
         };
-        (c.auth, c.tls) = nats.resolve(&c.nats_urls).map_err(|(var, e)| refuse(var, e))?;
+        (c.auth, c.tls) = nats
+            .resolve(&c.nats_urls)
+            .map_err(|(var, e)| refuse(var, e))?;
         if get("max_ack_pending").is_none() {
             c.max_ack_pending = c.max_ack_pending.max(c.max_inflight.get());
         } else if c.max_ack_pending < c.max_inflight.get() {
@@ -767,7 +769,10 @@ impl Config {
 
 impl NatsDraft {
     /// One authentication mode and the TLS settings, or the variable that contradicts another.
-    fn resolve(self, urls: &[String]) -> Result<(NatsAuth, Option<NatsTls>), (&'static str, Refusal)> {
+    fn resolve(
+        self,
+        urls: &[String],
+    ) -> Result<(NatsAuth, Option<NatsTls>), (&'static str, Refusal)> {
         let both = |a: &'static str, b: &str| (a, format!("either {a} or {b}, not both"));
         let token = match (self.token, self.token_file) {
             (Some(_), Some(_)) => return Err(both("nats_token", "nats_token_file")),
