@@ -48,12 +48,16 @@ fn text(bytes: &[u8]) -> String {
 }
 
 /// `publish` puts a message on the queue, `status` sees it, the worker runs it, `status` sees
-/// the queue empty: every connect path with this access.
-fn runs_end_to_end(access: &Access) {
+/// the queue empty: every connect path with this access. No output shows `secret`.
+fn runs_end_to_end(access: &Access, secret: &str) {
     let function = FunctionServer::echo();
     let env = access.cli_env();
     let out = run_cli(&["publish", "figlet", "-d", "secured"], &env);
     assert!(out.status.success(), "publish: {}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains(secret) && !text(&out.stdout).contains(secret));
+    let out = run_cli(&["status"], &env);
+    assert!(out.status.success(), "status: {}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains(secret) && !text(&out.stdout).contains(secret));
     let out = run_cli(&["status", "--json"], &env);
     assert!(out.status.success(), "status: {}", text(&out.stderr));
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -76,6 +80,12 @@ fn runs_end_to_end(access: &Access) {
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(json!({}));
         v["messages"] == 0 && v["ack_pending"] == 0
     });
+    let logs = worker.logs();
+    assert!(logs.contains("connected to NATS"), "{logs}");
+    assert!(
+        !logs.contains(secret),
+        "the worker logged the secret: {logs}"
+    );
     drop(worker);
 }
 
@@ -121,11 +131,14 @@ fn token_from_a_file_or_a_variable() {
     let dir = tempfile::tempdir().unwrap();
     // A mounted secret ends with a newline.
     let file = write(dir.path(), "token", "t0ken-s3cret\n");
-    runs_end_to_end(&Access::new(
-        nats.url(),
-        &[("nats_token_file", path_str(&file))],
-    ));
-    runs_end_to_end(&Access::new(nats.url(), &[("nats_token", "t0ken-s3cret")]));
+    runs_end_to_end(
+        &Access::new(nats.url(), &[("nats_token_file", path_str(&file))]),
+        "t0ken-s3cret",
+    );
+    runs_end_to_end(
+        &Access::new(nats.url(), &[("nats_token", "t0ken-s3cret")]),
+        "t0ken-s3cret",
+    );
 
     refused(
         &Access::new(nats.url(), &[("nats_token", "wrong-t0ken")]),
@@ -147,15 +160,18 @@ fn user_and_password_from_variables_a_file_or_the_url() {
     );
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "password", "pa55-s3cret\n");
-    runs_end_to_end(&Access::new(
-        nats.url(),
-        &[
-            ("nats_user", "worker"),
-            ("nats_password_file", path_str(&file)),
-        ],
-    ));
+    runs_end_to_end(
+        &Access::new(
+            nats.url(),
+            &[
+                ("nats_user", "worker"),
+                ("nats_password_file", path_str(&file)),
+            ],
+        ),
+        "pa55-s3cret",
+    );
     let with_userinfo = format!("nats://worker:pa55-s3cret@127.0.0.1:{}", nats.port());
-    runs_end_to_end(&Access::new(with_userinfo, &[]));
+    runs_end_to_end(&Access::new(with_userinfo, &[]), "pa55-s3cret");
 
     refused(
         &Access::new(
@@ -184,10 +200,10 @@ fn nkey_seed_file() {
     let dir = tempfile::tempdir().unwrap();
     let seed = user.seed().unwrap();
     let file = write(dir.path(), "seed", &format!("{seed}\n"));
-    runs_end_to_end(&Access::new(
-        nats.url(),
-        &[("nats_nkey_seed_file", path_str(&file))],
-    ));
+    runs_end_to_end(
+        &Access::new(nats.url(), &[("nats_nkey_seed_file", path_str(&file))]),
+        &seed,
+    );
 
     let other = nkeys::KeyPair::new_user().seed().unwrap();
     let wrong = write(dir.path(), "wrong-seed", &other);
@@ -284,10 +300,10 @@ fn credentials_file_from_a_jwt_in_operator_mode() {
         "worker.creds",
         &creds_file(&user_jwt, &user.seed().unwrap()),
     );
-    runs_end_to_end(&Access::new(
-        nats.url(),
-        &[("nats_creds_file", path_str(&creds))],
-    ));
+    runs_end_to_end(
+        &Access::new(nats.url(), &[("nats_creds_file", path_str(&creds))]),
+        &user.seed().unwrap(),
+    );
 
     // A user JWT signed by an account the server does not know.
     let stranger = nkeys::KeyPair::new_account();
@@ -401,8 +417,8 @@ fn tls_with_a_private_ca_and_a_client_certificate() {
         ("nats_tls_key_file", key_file.as_str()),
     ];
     // A CA file turns TLS on for a nats:// URL; a tls:// URL does too.
-    runs_end_to_end(&Access::new(nats.url(), &good));
-    runs_end_to_end(&Access::new(tls_url.clone(), &good));
+    runs_end_to_end(&Access::new(nats.url(), &good), "PRIVATE KEY");
+    runs_end_to_end(&Access::new(tls_url.clone(), &good), "PRIVATE KEY");
 
     // The server's certificate is signed by a CA the worker was not given.
     let other_ca = pki.file("other-ca.pem", &Ca::new("another CA").issuer.pem());
