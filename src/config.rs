@@ -1174,6 +1174,111 @@ mod tests {
     }
 
     #[test]
+    fn nats_auth_modes_and_secret_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        assert_eq!(Config::defaults().auth, NatsAuth::None);
+        assert_eq!(Config::defaults().tls, None);
+        let token = file("token", "s3cret\r\n");
+        let c = config(&[("nats_token_file", &token)]).unwrap();
+        assert_eq!(c.auth, NatsAuth::Token(Secret::new("s3cret")));
+        let pass = file("pass", "pa55\n");
+        let c = config(&[("nats_user", "u"), ("nats_password_file", &pass)]).unwrap();
+        assert_eq!(
+            c.auth,
+            NatsAuth::UserPassword {
+                user: "u".into(),
+                password: Secret::new("pa55")
+            }
+        );
+        assert!(
+            !format!("{c:?}").contains("pa55"),
+            "Debug shows the password"
+        );
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        let seed_file = file("seed", &format!("{seed}\n"));
+        let c = config(&[("nats_nkey_seed_file", &seed_file)]).unwrap();
+        assert_eq!(c.auth, NatsAuth::NkeySeed(Secret::new(seed)));
+        let not_seed = file("not-seed", "hello\n");
+        let e = config(&[("nats_nkey_seed_file", &not_seed)]).unwrap_err();
+        assert_eq!(e.var, "nats_nkey_seed_file");
+        let e = config(&[("nats_creds_file", &not_seed)]).unwrap_err();
+        assert_eq!(e.var, "nats_creds_file");
+        let empty = file("empty", "\n");
+        assert_eq!(
+            config(&[("nats_token_file", &empty)]).unwrap_err().var,
+            "nats_token_file"
+        );
+    }
+
+    #[test]
+    fn contradictory_nats_auth_is_refused_without_showing_secrets() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[
+                    ("nats_token", "s3"),
+                    ("nats_user", "u"),
+                    ("nats_password", "s4"),
+                ],
+                "nats_user",
+            ),
+            (&[("nats_user", "u")], "nats_user"),
+            (&[("nats_password", "s4")], "nats_password"),
+            (
+                &[("nats_token_file", "/nonexistent/file")],
+                "nats_token_file",
+            ),
+            (
+                &[("nats_url", "nats://u:s4@h:4222"), ("nats_token", "s3")],
+                "nats_url",
+            ),
+        ];
+        for (pairs, var) in cases {
+            let e = config(pairs).unwrap_err();
+            assert_eq!(e.var, *var, "{pairs:?}");
+            let shown = e.to_string();
+            assert!(!shown.contains("s3") && !shown.contains("s4"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn tls_is_on_with_a_tls_url_or_tls_files_and_needs_cert_and_key_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("x.pem");
+        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let pem = pem.display().to_string();
+        let c = config(&[("nats_url", "tls://nats:4222")]).unwrap();
+        assert_eq!(c.tls, Some(NatsTls::default()));
+        let c = config(&[("nats_tls_ca_file", &pem)]).unwrap();
+        assert_eq!(c.tls.unwrap().ca_file, Some(PathBuf::from(&pem)));
+        let e = config(&[("nats_tls_cert_file", &pem)]).unwrap_err();
+        assert_eq!(e.var, "nats_tls_cert_file");
+        let e = config(&[("nats_tls_key_file", &pem)]).unwrap_err();
+        assert_eq!(e.var, "nats_tls_key_file");
+        let c = config(&[("nats_tls_cert_file", &pem), ("nats_tls_key_file", &pem)]).unwrap();
+        assert!(c.tls.unwrap().client_cert.is_some());
+        let not_pem = dir.path().join("x.txt");
+        std::fs::write(&not_pem, "x").unwrap();
+        let e = config(&[("nats_tls_ca_file", not_pem.to_str().unwrap())]).unwrap_err();
+        assert_eq!(e.var, "nats_tls_ca_file");
+    }
+
+    #[test]
+    fn redact_hides_passwords_and_tokens_in_urls() {
+        use crate::broker::redact;
+        assert_eq!(redact("nats://u:p@h:4222"), "nats://u:***@h:4222");
+        assert_eq!(redact("tls://tok@h:4222"), "tls://***@h:4222");
+        assert_eq!(redact("nats://h:4222"), "nats://h:4222");
+        assert_eq!(redact("nats://u:p@ss@h:4222"), "nats://u:***@h:4222");
+        let e = config(&[("nats_url", "nats://u:s3cret@h:4222,http://x")]).unwrap_err();
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
+
+    #[test]
     fn help_lists_every_variable_with_its_default() {
         let text = help();
         for var in [
