@@ -70,7 +70,7 @@ impl fmt::Display for BrokerError {
                 write!(f, "cannot connect to NATS at {urls}: {source}")
             }
             BrokerError::Refused { urls, why } => {
-                write!(f, "NATS at {urls} refused the connection: {why}")
+                write!(f, "server {urls} refused the connection: {why}")
             }
             BrokerError::Interrupted => write!(f, "interrupted while connecting to NATS"),
             BrokerError::Api { step, source } => write!(f, "{step}: {source}"),
