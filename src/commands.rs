@@ -62,7 +62,7 @@ pub fn publish(config: &Config, args: &PublishArgs) -> Result<(), Error> {
             args.function
         ))
     })?;
-    let broker = Broker::connect_once(&config.nats_urls, None)?;
+    let broker = Broker::connect_once(config.into(), None)?;
     // The stream, never the consumer: that is the worker's, with the worker's settings.
     let (_, warnings) = broker.ensure_stream(&QueueSpec::from(config))?;
     for warning in warnings {
@@ -113,7 +113,7 @@ pub fn publish(config: &Config, args: &PublishArgs) -> Result<(), Error> {
 
 /// Prints the stream and consumer counters.
 pub fn status(config: &Config, json: bool) -> Result<(), Error> {
-    let broker = Broker::connect_once(&config.nats_urls, None)?;
+    let broker = Broker::connect_once(config.into(), None)?;
     let stream = broker.queue_stream(&QueueSpec::from(config))?;
     let state = broker.queue_state(&stream, &config.durable)?;
     let dead = match &config.dead_letter_subject {

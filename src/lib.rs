@@ -241,7 +241,7 @@ fn serve(
         fatal: fatal_tx.clone(),
     });
     let stop_requested = |wait: Duration| shutdown.recv_timeout(wait).is_ok();
-    let connected = Broker::connect(&config.nats_urls, events, &stop_requested);
+    let connected = Broker::connect(config.into(), events, &stop_requested);
     let broker = match connected {
         Ok(b) => Arc::new(b),
         Err(BrokerError::Interrupted) => {

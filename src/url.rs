@@ -239,8 +239,12 @@ pub fn redact(url: &str, keep_query: bool) -> String {
     };
     let end = after.find(['/', '?', '#']).unwrap_or(after.len());
     let (authority, rest) = after.split_at(end);
+    // A user name helps whoever reads the log; a password or a token is shown as `***`.
     let host = match authority.rsplit_once('@') {
-        Some((_, host)) => format!("***@{host}"),
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("***@{host}"),
+        },
         None => authority.to_string(),
     };
     let rest = if keep_query {
@@ -250,6 +254,11 @@ pub fn redact(url: &str, keep_query: bool) -> String {
         &rest[..cut]
     };
     format!("{before}{host}{rest}")
+}
+
+/// Whether a URL carries `user:password@` or `token@`.
+pub(crate) fn has_userinfo(url: &str) -> bool {
+    redact(url, true) != url
 }
 
 /// Several comma-separated URLs, each redacted (query kept).
@@ -312,10 +321,10 @@ mod tests {
     fn redaction() {
         assert_eq!(
             redact("nats://user:secret@h:4222", true),
-            "nats://***@h:4222"
+            "nats://user:***@h:4222"
         );
         assert_eq!(redact("http://h/cb?token=abc#f", false), "http://h/cb");
-        assert_eq!(redact("http://u:p@h?token=abc", false), "http://***@h");
+        assert_eq!(redact("http://u:p@h?token=abc", false), "http://u:***@h");
         assert_eq!(redact("nats://h:4222", true), "nats://h:4222");
     }
 
