@@ -56,7 +56,7 @@ fn run(config: Config) -> Result<(), Error> {
         }
     })
     .map_err(|e| Error::Fatal(format!("cannot handle signals: {e}")))?;
-    queue_worker::run(config, rx)
+    queue_worker::supervisor::run(config, rx)
 }
 
 fn fail(e: &Error) -> ExitCode {
