@@ -82,11 +82,9 @@ pub enum BrokerError {
 impl fmt::Display for BrokerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BrokerError::Connect { urls, source } => {
-                write!(f, "cannot connect to NATS at {urls}: {source}")
-            }
+            BrokerError::Connect { urls, .. } => write!(f, "cannot connect to NATS at {urls}"),
             BrokerError::Interrupted => write!(f, "interrupted while connecting to NATS"),
-            BrokerError::Api { step, source } => write!(f, "{step}: {source}"),
+            BrokerError::Api { step, .. } => write!(f, "{step}"),
             BrokerError::Closed => write!(f, "the NATS connection is closed"),
             BrokerError::Publish(why) => write!(f, "publish failed: {why}"),
             BrokerError::NoJetStream => write!(

@@ -55,7 +55,7 @@ fn run(config: Config) -> Result<(), Error> {
             std::process::exit(130);
         }
     })
-    .map_err(|e| Error::Fatal(format!("cannot handle signals: {e}")))?;
+    .map_err(|e| Error::Fatal(format!("cannot handle signals: {}", error_chain(&e))))?;
     queue_worker::supervisor::run(config, rx)
 }
 

@@ -74,14 +74,8 @@ impl fmt::Display for DecodeError {
     }
 }
 
-impl std::error::Error for DecodeError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            DecodeError::BadPath(e) | DecodeError::BadQuery(e) => Some(e),
-            _ => None,
-        }
-    }
-}
+/// `BadPath` and `BadQuery` are their [`UrlError`] (its `Display` is theirs), not a cause.
+impl std::error::Error for DecodeError {}
 
 #[derive(Deserialize, Serialize, Default)]
 #[serde(rename_all = "PascalCase")]
