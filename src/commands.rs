@@ -13,7 +13,7 @@ use crate::Error;
 const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A random version-4 UUID, the form the gateway uses for `X-Call-Id`.
-pub fn new_call_id() -> String {
+pub(crate) fn new_call_id() -> String {
     let mut b = fastrand::u128(..).to_be_bytes();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
