@@ -163,7 +163,7 @@ pub fn status(config: &Config, json: bool) -> Result<(), Error> {
 
 /// The subject the gateway publishes a request for `function` to: `Q.NAME` or
 /// `Q.NAME.NAMESPACE`. None for a name that cannot be one or two subject tokens.
-pub(crate) fn publish_subject(queue: &str, function: &str) -> Option<String> {
+fn publish_subject(queue: &str, function: &str) -> Option<String> {
     let tokens = function.split('.').count();
     let ok =
         valid_function_name(function) && tokens <= 2 && !function.split('.').any(str::is_empty);

@@ -109,7 +109,7 @@ impl std::error::Error for ConfigError {}
 
 /// The value a setting takes when its variable is unset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum DefaultIs {
+enum DefaultIs {
     /// This text, read exactly as if the variable held it.
     Value(&'static str),
     /// No value: the feature is off.
@@ -123,7 +123,7 @@ type Refusal = String;
 
 /// One environment variable, defined once: parsing, `--help` and the README table all come from
 /// here. To add a setting, add an entry to [`SETTINGS`] (and its field to [`Config`]).
-pub(crate) struct Setting {
+struct Setting {
     pub(crate) name: &'static str,
     pub(crate) default: DefaultIs,
     /// One line for `--help` and the README.
@@ -175,7 +175,7 @@ fn flag(v: &str) -> Result<bool, Refusal> {
 
 /// Every setting, in the order of `--help` and the README. Defaults are written as values of
 /// the variable itself.
-pub(crate) const SETTINGS: &[Setting] = &[
+const SETTINGS: &[Setting] = &[
     Setting {
         name: "nats_host",
         default: DefaultIs::Value("127.0.0.1"),
@@ -754,7 +754,7 @@ pub fn help() -> String {
 
 /// The README's settings table, in Markdown (checked against the README by a test).
 #[cfg(test)]
-pub(crate) fn markdown_table() -> String {
+fn markdown_table() -> String {
     let mut out = String::from("| variable | default | meaning |\n|---|---|---|\n");
     for s in SETTINGS {
         let default = match s.default {
@@ -772,7 +772,7 @@ pub(crate) fn parse_duration(s: &str) -> Option<Duration> {
 }
 
 /// Go's `strconv.ParseBool`.
-pub(crate) fn parse_bool(s: &str) -> Option<bool> {
+fn parse_bool(s: &str) -> Option<bool> {
     match s {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),

@@ -74,11 +74,11 @@ impl Health {
 }
 
 /// Threads answering requests (rendering `/metrics` may wait for the server's counters).
-pub(crate) const ENDPOINT_THREADS: usize = 4;
+const ENDPOINT_THREADS: usize = 4;
 /// Connections whose request head is still being read; past it the oldest is dropped.
-pub(crate) const MAX_PENDING_CONNECTIONS: usize = 256;
+const MAX_PENDING_CONNECTIONS: usize = 256;
 /// Longest time a connection may take to send its request head, and to take the response.
-pub(crate) const ENDPOINT_IO_TIMEOUT: Duration = Duration::from_secs(5);
+const ENDPOINT_IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head read.
 const MAX_HEAD: usize = 8 * 1024;
 /// How often the reading thread looks at connections that sent part of a head.

@@ -16,16 +16,16 @@ use prometheus::{
 };
 
 /// The `reason` labels of `queue_worker_malformed_messages_total`.
-pub(crate) const MALFORMED_REASONS: &[&str] = &[
+const MALFORMED_REASONS: &[&str] = &[
     "json", "function", "body", "method", "path", "query", "panic",
 ];
 
 /// Distinct `function_name` values before further names are counted as `other`.
-pub(crate) const MAX_FUNCTION_LABELS: usize = 100;
-pub(crate) const OTHER_FUNCTION: &str = "other";
+const MAX_FUNCTION_LABELS: usize = 100;
+const OTHER_FUNCTION: &str = "other";
 
 /// How long queue counters read from the server are reused for further scrapes.
-pub(crate) const QUEUE_READ_CACHE: Duration = Duration::from_secs(1);
+const QUEUE_READ_CACHE: Duration = Duration::from_secs(1);
 
 /// The queue counters as the server reports them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -286,7 +286,7 @@ impl Metrics {
     }
 
     /// Sets the queue gauges from the server's counters.
-    pub(crate) fn observe_queue(&self, c: QueueCounters) {
+    fn observe_queue(&self, c: QueueCounters) {
         self.pending.set(c.pending as i64);
         self.ack_pending.set(c.ack_pending as i64);
         self.submitted.set(c.submitted as i64);

@@ -107,23 +107,23 @@ struct Wire {
 #[serde(rename_all = "PascalCase", default)]
 pub struct GoUrl {
     pub(crate) scheme: String,
-    pub(crate) opaque: String,
+    opaque: String,
     /// `*Userinfo` has no exported fields: Go writes `{}` or `null`, never the credentials.
     pub(crate) user: Option<serde_json::Value>,
     pub(crate) host: String,
     pub(crate) path: String,
-    pub(crate) raw_path: String,
-    pub(crate) omit_host: bool,
-    pub(crate) force_query: bool,
-    pub(crate) raw_query: String,
+    raw_path: String,
+    omit_host: bool,
+    force_query: bool,
+    raw_query: String,
     pub(crate) fragment: String,
-    pub(crate) raw_fragment: String,
+    raw_fragment: String,
 }
 
 impl GoUrl {
     /// Rebuilds the URL as Go's `URL.String()` does for the forms the gateway produces
     /// (Go drops the password of a user, so none is written).
-    pub(crate) fn to_url(&self) -> String {
+    fn to_url(&self) -> String {
         let mut out = String::new();
         if !self.scheme.is_empty() {
             out.push_str(&self.scheme);

@@ -16,7 +16,7 @@ pub(crate) enum Mode {
 }
 
 /// Go's `shouldEscape` for paths and fragments.
-pub(crate) fn should_escape(c: u8, mode: Mode) -> bool {
+fn should_escape(c: u8, mode: Mode) -> bool {
     if c.is_ascii_alphanumeric() {
         return false;
     }
