@@ -2,8 +2,8 @@
 //! pulling one message per free worker, acks, and pipelined publishing. Swapping the client
 //! library means rewriting this module only.
 //!
-//! The blocking `nats` crate has sharp edges this module steers around (see the project notes):
-//! no `fetch()` (it can hang forever), an explicit flush after every pull request (the client
+//! The blocking `nats` crate (0.26, deprecated) has sharp edges this module steers around: no
+//! `fetch()` (it can hang forever), an explicit flush after every pull request (the client
 //! otherwise waits up to 5 ms), no random delay before the first connect, unlimited reconnects,
 //! and status replies (404, 408, 409) that arrive as messages without a reply subject.
 //!

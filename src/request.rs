@@ -336,7 +336,8 @@ impl Request {
 mod tests {
     use super::*;
 
-    /// The gateway-produced samples in ../shared/openfaas/, embedded so the tests run anywhere.
+    /// Messages exactly as Go's encoding/json writes faas-provider's `QueueRequest` (current and
+    /// pre-2023 layouts), with what a worker must call for each; tests/data/README.md says more.
     const VECTORS: &str = include_str!("../tests/data/queue-requests.jsonl");
 
     #[derive(Deserialize)]
