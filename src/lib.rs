@@ -17,6 +17,7 @@
 //! - `duration`: Go's `time.ParseDuration`, for settings and annotations alike.
 //! - `metrics`: Prometheus metrics.
 //! - `endpoint`: `/metrics`, `/healthz` and `/readyz` over HTTP.
+//! - `sync`: taking a lock whether or not it is poisoned.
 //! - [`logging`]: console or JSON log lines.
 
 pub mod cli;
@@ -38,6 +39,7 @@ mod invoke;
 mod metrics;
 mod monitor;
 mod retry;
+mod sync;
 mod timer;
 mod url;
 mod worker;

@@ -15,6 +15,8 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+use crate::sync;
+
 /// The `reason` labels of `queue_worker_malformed_messages_total`.
 const MALFORMED_REASONS: &[&str] = &[
     "json", "function", "body", "method", "path", "query", "panic",
@@ -229,12 +231,12 @@ impl Metrics {
     /// The label for a (validated) function name: itself while under the cap, else `other`.
     pub(crate) fn function_label<'a>(&self, name: &'a str) -> &'a str {
         // Every message asks, almost always for a name already known: read first.
-        let known = self.functions.read().unwrap_or_else(|p| p.into_inner());
+        let known = sync::read(&self.functions);
         if known.contains(name) {
             return name;
         }
         drop(known);
-        let mut known = self.functions.write().unwrap_or_else(|p| p.into_inner());
+        let mut known = sync::write(&self.functions);
         if known.contains(name) {
             return name;
         }
@@ -297,7 +299,7 @@ impl Metrics {
 
     /// Where scrapes read the queue counters from (`None`: nowhere, the gauges stay).
     pub(crate) fn set_queue_reader(&self, reader: Option<QueueReader>) {
-        *self.queue_reader.lock().unwrap_or_else(|p| p.into_inner()) = reader;
+        *sync::lock(&self.queue_reader) = reader;
     }
 
     /// Reads the queue counters unless they were read less than [`QUEUE_READ_CACHE`] ago.
@@ -312,11 +314,7 @@ impl Metrics {
         if last.is_some_and(|at| at.elapsed() < QUEUE_READ_CACHE) {
             return;
         }
-        let reader = self
-            .queue_reader
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let reader = sync::lock(&self.queue_reader).clone();
         if let Some(counters) = reader.and_then(|read| read()) {
             self.observe_queue(counters);
         }
