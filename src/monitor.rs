@@ -1,7 +1,9 @@
 //! The monitor thread, which re-creates a lost stream or consumer and wakes the pullers after a
 //! reconnect, and the reader of the queue gauges at scrape time.
 
+use std::io;
 use std::sync::Arc;
+use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use crossbeam_channel::Receiver;
@@ -13,6 +15,21 @@ use crate::metrics;
 
 /// How often the monitor checks that the stream and consumer still exist.
 const MONITOR_EVERY: Duration = Duration::from_secs(5);
+
+/// Starts the monitor thread; it ends when `stop` receives.
+pub(crate) fn spawn(
+    broker: &Arc<Broker>,
+    spec: &QueueSpec,
+    health: &Arc<Health>,
+    stop: Receiver<()>,
+    reconnected: Receiver<()>,
+) -> io::Result<JoinHandle<()>> {
+    let (broker, health, spec) = (broker.clone(), health.clone(), spec.clone());
+    thread::Builder::new()
+        .name("monitor".into())
+        .stack_size(256 * 1024)
+        .spawn(move || run(&broker, &spec, &health, &stop, &reconnected))
+}
 
 /// Reads the queue gauges for a scrape: from the server while connected, else nothing (the
 /// gauges keep their last values rather than make the scrape wait for an absent server).
@@ -47,7 +64,7 @@ pub(crate) fn queue_reader(
 
 /// Re-creates a lost stream or consumer (checked every few seconds), and wakes the pullers
 /// after a reconnect so they pull again at once. The queue gauges are read at scrape time.
-pub(crate) fn run(
+fn run(
     broker: &Broker,
     spec: &QueueSpec,
     health: &Health,

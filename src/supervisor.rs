@@ -27,64 +27,6 @@ const FINAL_FLUSH: Duration = Duration::from_secs(2);
 /// How long the timer and monitor threads get to end once told to.
 const JOIN_GRACE: Duration = Duration::from_secs(1);
 
-/// Connection events feed the probes and metrics; a closed connection is fatal.
-struct Events {
-    health: Arc<Health>,
-    metrics: Arc<Metrics>,
-    reconnected: Sender<()>,
-    fatal: Sender<String>,
-}
-
-impl ConnectionEvents for Events {
-    fn disconnected(&self) {
-        self.health.set_connected(false);
-        if !self.health.draining() {
-            log::warn!("disconnected from NATS; reconnecting");
-        }
-    }
-
-    fn reconnected(&self) {
-        self.health.set_connected(true);
-        self.metrics.reconnects.inc();
-        let _ = self.reconnected.try_send(());
-        log::info!("reconnected to NATS");
-    }
-
-    fn closed(&self) {
-        self.health.set_connected(false);
-        let _ = self.fatal.try_send("the NATS connection was closed".into());
-    }
-}
-
-/// Threads the worker owns, joined on shutdown.
-struct Threads {
-    workers: Vec<JoinHandle<()>>,
-    timer: JoinHandle<()>,
-    monitor: JoinHandle<()>,
-}
-
-/// How a drain ended.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Drained {
-    /// Invocations still running at `drain_timeout`, handed back.
-    handed_back: usize,
-    /// Worker threads that had not finished at the end (their work is redelivered).
-    unfinished: usize,
-}
-
-/// Waits until every handle in `threads` has finished or `deadline` has passed; joins the
-/// finished ones and returns how many were left running.
-fn join_until(threads: Vec<JoinHandle<()>>, deadline: Instant) -> usize {
-    while Instant::now() < deadline && threads.iter().any(|t| !t.is_finished()) {
-        thread::sleep(Duration::from_millis(10));
-    }
-    let (done, stuck): (Vec<_>, Vec<_>) = threads.into_iter().partition(|t| t.is_finished());
-    for t in done {
-        let _ = t.join();
-    }
-    stuck.len()
-}
-
 /// Runs the worker until `shutdown` receives (SIGTERM) or a fatal error. In-flight invocations
 /// are drained for up to `drain_timeout`; waiting retries are handed back to the server.
 pub fn run(config: Config, shutdown: Receiver<()>) -> Result<(), Error> {
@@ -201,14 +143,7 @@ fn connect_work_drain(
         workers.extend(spawned.ok());
     }
     let (monitor_stop_tx, monitor_stop_rx) = crossbeam_channel::bounded::<()>(1);
-    let spawned = {
-        let (broker, health) = (broker.clone(), health.clone());
-        let spec = spec.clone();
-        thread::Builder::new()
-            .name("monitor".into())
-            .stack_size(256 * 1024)
-            .spawn(move || monitor::run(&broker, &spec, &health, &monitor_stop_rx, &reconnect_rx))
-    };
+    let spawned = monitor::spawn(&broker, &spec, health, monitor_stop_rx, reconnect_rx);
     let monitor = match spawned {
         Ok(m) => m,
         Err(e) => {
@@ -303,6 +238,70 @@ fn ensure_dead_letters(broker: &Broker, subject: &str, spec: &QueueSpec) -> Resu
     Ok(())
 }
 
+impl From<&Config> for QueueSpec {
+    fn from(config: &Config) -> QueueSpec {
+        QueueSpec {
+            stream: config
+                .stream
+                .clone()
+                .unwrap_or_else(|| format!("OF_{}", config.subject.replace(['.', '*', '>'], "_"))),
+            stream_configured: config.stream.is_some(),
+            subject: config.subject.clone(),
+            durable: config.durable.clone(),
+            replicas: config.replicas,
+            memory_storage: config.storage == config::Storage::Memory,
+            ack_wait: config.ack_wait,
+            max_inflight: config.max_inflight.get(),
+            // Room for every worker's pull, twice over for the moments after a reconnect.
+            max_waiting: (config.max_inflight.get() * 2).max(512),
+            max_ack_pending: config.max_ack_pending,
+        }
+    }
+}
+
+/// Connection events feed the probes and metrics; a closed connection is fatal.
+struct Events {
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    reconnected: Sender<()>,
+    fatal: Sender<String>,
+}
+
+impl ConnectionEvents for Events {
+    fn disconnected(&self) {
+        self.health.set_connected(false);
+        if !self.health.draining() {
+            log::warn!("disconnected from NATS; reconnecting");
+        }
+    }
+
+    fn reconnected(&self) {
+        self.health.set_connected(true);
+        self.metrics.reconnects.inc();
+        let _ = self.reconnected.try_send(());
+        log::info!("reconnected to NATS");
+    }
+
+    fn closed(&self) {
+        self.health.set_connected(false);
+        let _ = self.fatal.try_send("the NATS connection was closed".into());
+    }
+}
+
+/// Reports a panicking worker thread as fatal, so the process stops instead of running short.
+struct PanicGuard(Sender<String>);
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            let _ = self.0.try_send(format!(
+                "{} panicked",
+                thread::current().name().unwrap_or("a thread")
+            ));
+        }
+    }
+}
+
 /// A later start-up step failed: stops the worker threads and the timer that already run,
 /// each within a deadline, and the connection.
 fn stop_started(
@@ -321,6 +320,22 @@ fn stop_started(
         log::warn!("{left} thread(s) did not stop in time");
     }
     broker.shutdown(FINAL_FLUSH);
+}
+
+/// Threads the worker owns, joined on shutdown.
+struct Threads {
+    workers: Vec<JoinHandle<()>>,
+    timer: JoinHandle<()>,
+    monitor: JoinHandle<()>,
+}
+
+/// How a drain ended.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Drained {
+    /// Invocations still running at `drain_timeout`, handed back.
+    handed_back: usize,
+    /// Worker threads that had not finished at the end (their work is redelivered).
+    unfinished: usize,
 }
 
 /// Stops pulling, waits up to `drain_timeout` for running invocations, hands back waiting
@@ -385,37 +400,15 @@ fn drain(
     }
 }
 
-/// Reports a panicking worker thread as fatal, so the process stops instead of running short.
-struct PanicGuard(Sender<String>);
-
-impl Drop for PanicGuard {
-    fn drop(&mut self) {
-        if thread::panicking() {
-            let _ = self.0.try_send(format!(
-                "{} panicked",
-                thread::current().name().unwrap_or("a thread")
-            ));
-        }
+/// Waits until every handle in `threads` has finished or `deadline` has passed; joins the
+/// finished ones and returns how many were left running.
+fn join_until(threads: Vec<JoinHandle<()>>, deadline: Instant) -> usize {
+    while Instant::now() < deadline && threads.iter().any(|t| !t.is_finished()) {
+        thread::sleep(Duration::from_millis(10));
     }
-}
-
-impl From<&Config> for QueueSpec {
-    fn from(config: &Config) -> QueueSpec {
-        QueueSpec {
-            stream: config
-                .stream
-                .clone()
-                .unwrap_or_else(|| format!("OF_{}", config.subject.replace(['.', '*', '>'], "_"))),
-            stream_configured: config.stream.is_some(),
-            subject: config.subject.clone(),
-            durable: config.durable.clone(),
-            replicas: config.replicas,
-            memory_storage: config.storage == config::Storage::Memory,
-            ack_wait: config.ack_wait,
-            max_inflight: config.max_inflight.get(),
-            // Room for every worker's pull, twice over for the moments after a reconnect.
-            max_waiting: (config.max_inflight.get() * 2).max(512),
-            max_ack_pending: config.max_ack_pending,
-        }
+    let (done, stuck): (Vec<_>, Vec<_>) = threads.into_iter().partition(|t| t.is_finished());
+    for t in done {
+        let _ = t.join();
     }
+    stuck.len()
 }
