@@ -31,7 +31,8 @@ const JOIN_GRACE: Duration = Duration::from_secs(1);
 /// are drained for up to `drain_timeout`; waiting retries are handed back to the server.
 pub fn run(config: Config, shutdown: Receiver<()>) -> Result<(), Error> {
     let started = Instant::now();
-    let metrics = Arc::new(Metrics::new(&config.subject).map_err(|e| Error::Fatal(e.to_string()))?);
+    let metrics =
+        Arc::new(Metrics::new(&config.subject).map_err(|e| Error::Fatal(error_chain(&e)))?);
     let health = Arc::new(Health::default());
     let (addr, endpoint) = endpoint::spawn(
         config.metrics_address,
