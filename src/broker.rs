@@ -2,8 +2,8 @@
 //! pulling one message per free worker, acks, and pipelined publishing. Swapping the client
 //! library means rewriting this module only.
 //!
-//! The blocking `nats` crate has sharp edges this module steers around (see the project notes):
-//! no `fetch()` (it can hang forever), an explicit flush after every pull request (the client
+//! The blocking `nats` crate (0.26, deprecated) has sharp edges this module steers around: no
+//! `fetch()` (it can hang forever), an explicit flush after every pull request (the client
 //! otherwise waits up to 5 ms), no random delay before the first connect, unlimited reconnects,
 //! and status replies (404, 408, 409) that arrive as messages without a reply subject.
 //!
@@ -86,14 +86,12 @@ pub enum BrokerError {
 impl fmt::Display for BrokerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BrokerError::Connect { urls, source } => {
-                write!(f, "cannot connect to NATS at {urls}: {source}")
-            }
+            BrokerError::Connect { urls, .. } => write!(f, "cannot connect to NATS at {urls}"),
             BrokerError::Refused { urls, why } => {
                 write!(f, "server {urls} refused the connection: {why}")
             }
             BrokerError::Interrupted => write!(f, "interrupted while connecting to NATS"),
-            BrokerError::Api { step, source } => write!(f, "{step}: {source}"),
+            BrokerError::Api { step, .. } => write!(f, "{step}"),
             BrokerError::Closed => write!(f, "the NATS connection is closed"),
             BrokerError::Publish(why) => write!(f, "publish failed: {why}"),
             BrokerError::NoJetStream => write!(
@@ -335,7 +333,7 @@ impl Broker {
                 Ok(broker) => return Ok(broker),
                 Err(e @ BrokerError::Refused { .. }) => return Err(e),
                 Err(e) => {
-                    log::warn!("{e}; retrying in {delay:?}");
+                    log::warn!("{}; retrying in {delay:?}", crate::error_chain(&e));
                     if wait(delay) {
                         return Err(BrokerError::Interrupted);
                     }
