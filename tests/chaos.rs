@@ -869,26 +869,9 @@ fn cluster_leader_killed(worker_on_leader: bool) {
             // both, then the worker starts.
             run.publish(&urls, n, &env);
             let nc = try_connect(&urls).expect("connecting to the cluster");
-            let leader = wait_for(SECS(20), "a stream leader", || {
-                cluster.stream_leader(STREAM)
-            });
-            for _ in 0..20 {
-                let c = wait_for(SECS(20), "a consumer leader", || {
-                    cluster.consumer_leader(STREAM, DURABLE)
-                });
-                if c == leader {
-                    break;
-                }
-                cluster.step_down_consumer(&nc, STREAM, DURABLE);
-                wait_until(SECS(20), "a new consumer leader", || {
-                    cluster
-                        .consumer_leader(STREAM, DURABLE)
-                        .is_some_and(|l| l != c)
-                });
-            }
-            let consumer_leader = cluster.consumer_leader(STREAM, DURABLE);
+            let (leader, consumer_leader, step_downs) = align_leaders(&cluster, &nc, run);
             let role = if consumer_leader.as_deref() == Some(leader.as_str()) {
-                "stream + consumer leader".to_string()
+                format!("stream + consumer leader after {step_downs} step-down(s)")
             } else {
                 format!("stream leader; consumer leader {consumer_leader:?}")
             };
@@ -908,17 +891,68 @@ fn cluster_leader_killed(worker_on_leader: bool) {
             run.fault(&format!("SIGKILL to {leader}"));
             cluster.node(victim).kill9();
             let t = Instant::now();
-            wait_until(SECS(30), "new stream and consumer leaders", || {
+            let elected = loop {
                 let s = cluster.stream_leader(STREAM);
                 let c = cluster.consumer_leader(STREAM, DURABLE);
-                s.is_some_and(|s| s != leader) && c.is_some_and(|c| c != leader)
-            });
-            let election = t.elapsed();
-            run.note(format!("new leaders after {}", secs(election)));
-            run.max_stall = Some(election + SLACK);
+                if s.is_some_and(|s| s != leader) && c.is_some_and(|c| c != leader) {
+                    break Some(t.elapsed());
+                }
+                if t.elapsed() >= SECS(30) {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            match elected {
+                Some(election) => {
+                    run.note(format!("new leaders after {}", secs(election)));
+                    run.max_stall = Some(election + SLACK);
+                }
+                None => run.fail("no new stream and consumer leaders within 30 s (/jsz)"),
+            }
             run.wait_settled(&urls, SETTLE_DEADLINE, || alive(&worker));
         },
     );
+}
+
+/// The leaders of the stream and of the consumer, as the JetStream API reports them.
+fn api_leaders(nc: &::nats::Connection) -> (Option<String>, Option<String>) {
+    let js = jetstream(nc);
+    let stream = js.stream_info(STREAM).ok().and_then(|i| i.cluster.leader);
+    let consumer = js
+        .consumer_info(STREAM, DURABLE)
+        .ok()
+        .and_then(|i| i.cluster.leader);
+    (stream, consumer)
+}
+
+/// Steps the consumer's leader down until the stream's leader leads it too (60 s at most):
+/// (stream leader, consumer leader, step-downs). Gives up with the leaders as they are.
+fn align_leaders(
+    cluster: &NatsCluster,
+    nc: &::nats::Connection,
+    run: &mut Run,
+) -> (String, Option<String>, usize) {
+    let start = Instant::now();
+    let mut step_downs = 0;
+    loop {
+        let (stream, consumer) = api_leaders(nc);
+        match (stream, consumer) {
+            (Some(s), Some(c)) if s == c => return (s, Some(c), step_downs),
+            (Some(s), c) if start.elapsed() >= SECS(60) => return (s, c, step_downs),
+            (Some(_), Some(c)) => {
+                step_downs += 1;
+                if let Err(e) = cluster.step_down_consumer(nc, STREAM, DURABLE) {
+                    run.step(&format!("step-down refused: {e}"));
+                }
+                let moved = Instant::now();
+                while moved.elapsed() < SECS(10) && api_leaders(nc).1.as_deref() == Some(&c) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            _ if start.elapsed() >= SECS(60) => panic!("no stream leader within 60 s"),
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
 }
 
 #[test]
