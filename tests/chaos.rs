@@ -620,10 +620,19 @@ fn c06_client_connections_cut() {
         let proxy = TcpProxy::to_nats(&nats.url());
         let tally = run.tally.clone();
         let calls = AtomicUsize::new(0);
+        let slow_ids: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+        let slow = slow_ids.clone();
         let function = FunctionServer::from_fn(move |seen| {
             tally.record(seen, 0);
             let k = calls.fetch_add(1, Ordering::SeqCst);
-            let delay = if k % 50 == 49 { 2500 } else { 2 };
+            let delay = if k % 50 == 49 {
+                if let Some(id) = seen.header("X-Call-Id") {
+                    slow.lock().unwrap().insert(id.to_string());
+                }
+                2500
+            } else {
+                2
+            };
             Reply::ok("done").with_delay(Duration::from_millis(delay))
         });
         let env = worker_env("2s");
@@ -641,6 +650,19 @@ fn c06_client_connections_cut() {
         run.wait_settled(&nats.url(), SETTLE_DEADLINE, || alive(&worker));
         let worst = sampler.stop();
         run.note(format!("max ack_pending seen {worst}"));
+        let slow = slow_ids.lock().unwrap();
+        let repeated: Vec<&String> = run
+            .expected
+            .iter()
+            .filter(|id| run.tally.calls_of(id).len() > 1)
+            .collect();
+        if !repeated.is_empty() {
+            let slow_repeated = repeated.iter().filter(|id| slow.contains(**id)).count();
+            run.note(format!(
+                "{slow_repeated} of the {} repeated call id(s) had a slow (2.5 s) call",
+                repeated.len()
+            ));
+        }
 
         if worst > MAX_INFLIGHT as u64 {
             run.fail(format!("ack_pending reached {worst}"));
