@@ -6,7 +6,7 @@
 //! - [`cli`]: command-line arguments (`run`, `publish`, `status`, `--help`).
 //! - [`request`]: the gateway's `QueueRequest` JSON, decoded and encoded.
 //! - [`broker`]: every use of NATS: connect, stream and consumer, pull, ack, publish.
-//! - [`invoke`]: HTTP calls to functions and callbacks; the [`invoke::Outcome`] of an attempt.
+//! - [`invoke`]: HTTP calls to functions and callbacks; the [`invoke::CallResult`] of an attempt.
 //! - [`retry`]: back-off, jitter, `Retry-After` and per-function retry annotations.
 //! - [`timer`]: the thread that keeps leases alive and hands due retries back.
 //! - [`url`]: Go's URL escaping, the path and query checks, redaction for logs.
@@ -288,7 +288,7 @@ fn serve(
     };
     let stop = Arc::new(AtomicBool::new(false));
     let resolver = invoke::CachingResolver::for_gateway(&config.gateway_url);
-    let shared = Arc::new(worker::Shared {
+    let shared = Arc::new(worker::Context {
         timer: timer.clone(),
         metrics: metrics.clone(),
         broker: broker.clone(),
