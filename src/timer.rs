@@ -354,3 +354,335 @@ fn perform<M: HeldMessage>(actions: Vec<(M, Action)>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What the fake was asked to do.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Call {
+        Progress,
+        Nak(Duration),
+    }
+
+    /// A held message that records what the timer sends it.
+    #[derive(Clone)]
+    struct Fake {
+        id: u32,
+        calls: Arc<Mutex<Vec<(u32, Call)>>>,
+    }
+
+    impl HeldMessage for Fake {
+        fn progress(&self) -> io::Result<()> {
+            self.calls.lock().unwrap().push((self.id, Call::Progress));
+            Ok(())
+        }
+
+        fn nak(&self, delay: Duration) -> io::Result<()> {
+            self.calls.lock().unwrap().push((self.id, Call::Nak(delay)));
+            Ok(())
+        }
+    }
+
+    /// Makes fakes that share one record.
+    #[derive(Default)]
+    struct Recorder(Arc<Mutex<Vec<(u32, Call)>>>);
+
+    impl Recorder {
+        fn message(&self, id: u32) -> Fake {
+            Fake {
+                id,
+                calls: self.0.clone(),
+            }
+        }
+
+        fn calls(&self) -> Vec<(u32, Call)> {
+            self.0.lock().unwrap().clone()
+        }
+
+        fn naks(&self) -> Vec<u32> {
+            let calls = self.calls();
+            calls
+                .iter()
+                .filter(|(_, c)| matches!(c, Call::Nak(_)))
+                .map(|(id, _)| *id)
+                .collect()
+        }
+
+        /// Waits (up to a generous deadline) until `done` holds for the record.
+        fn wait_for(&self, what: &str, done: impl Fn(&[(u32, Call)]) -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !done(&self.calls()) {
+                assert!(Instant::now() < deadline, "{what}: {:?}", self.calls());
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+
+    /// Runs what is due at `now` as the timer thread would, without the thread.
+    fn tick(timer: &Timer<Fake>, now: Instant) -> usize {
+        let actions = timer.lock().due_actions(now, timer.leases.touch_every);
+        let n = actions.len();
+        perform(actions);
+        n
+    }
+
+    const ACK_WAIT: Duration = Duration::from_secs(40);
+
+    #[test]
+    fn leases_are_touched_at_least_twice_within_ack_wait() {
+        let rec = Recorder::default();
+        let timer = Timer::<Fake>::new(ACK_WAIT);
+        let start = Instant::now();
+        let running = timer.hold(rec.message(1));
+        let waiting = timer.hold(rec.message(2));
+        timer.retry_after(waiting, Duration::from_secs(3600));
+        let held_at: HashMap<u32, Instant> = [(1, running), (2, waiting)]
+            .into_iter()
+            .map(|(id, l)| (id, timer.lock().held[&l.0].touched))
+            .collect();
+        // Wake when the thread would (its head), over ten ack waits; note every touch.
+        let mut touched: HashMap<u32, Vec<Instant>> = HashMap::new();
+        let end = start + ACK_WAIT * 10;
+        let mut now = start;
+        while now < end {
+            now = timer
+                .lock()
+                .head()
+                .expect("a sweep is planned while leases are held");
+            let before = rec.calls().len();
+            tick(&timer, now);
+            for (id, call) in &rec.calls()[before..] {
+                assert_eq!(*call, Call::Progress);
+                touched.entry(*id).or_default().push(now);
+            }
+        }
+        for id in [1, 2] {
+            let mut last = held_at[&id];
+            for at in &touched[&id] {
+                assert!(
+                    *at - last <= ACK_WAIT / 2,
+                    "lease {id}: {:?} without a touch",
+                    *at - last
+                );
+                last = *at;
+            }
+            assert!(end - last <= ACK_WAIT / 2);
+        }
+        // Released ones are no longer touched nor handed back, and once the released retry's
+        // heap entry is skipped at its time, nothing is planned while nothing is held.
+        assert!(timer.release(running).is_some());
+        assert!(timer.release(waiting).is_some());
+        let before = rec.calls().len();
+        tick(&timer, start + Duration::from_secs(7200));
+        assert_eq!(rec.calls().len(), before);
+        assert_eq!(timer.lock().head(), None);
+    }
+
+    #[test]
+    fn the_thread_touches_a_running_lease() {
+        let rec = Recorder::default();
+        // touch_every is 10 ms.
+        let (timer, handle) = Timer::<Fake>::spawn(Duration::from_millis(40)).unwrap();
+        let lease = timer.hold(rec.message(7));
+        rec.wait_for("two touches", |calls| {
+            calls.iter().filter(|c| **c == (7, Call::Progress)).count() >= 2
+        });
+        assert!(timer.release(lease).is_some());
+        timer.stop();
+        handle.join().unwrap();
+        assert!(
+            rec.naks().is_empty(),
+            "a released lease is never handed back"
+        );
+    }
+
+    #[test]
+    fn due_retries_come_back_in_due_order() {
+        let rec = Recorder::default();
+        let timer = Timer::<Fake>::new(ACK_WAIT);
+        let now = Instant::now();
+        let ids: Vec<LeaseId> = (1..=4).map(|id| timer.hold(rec.message(id))).collect();
+        for (lease, secs) in ids.iter().zip([300, 100, 200, 400]) {
+            timer.retry_after(*lease, Duration::from_secs(secs));
+        }
+        assert_eq!(timer.counts(), (0, 4));
+        // Nothing is due yet (minutes of margin).
+        tick(&timer, now + Duration::from_secs(50));
+        assert!(rec.naks().is_empty());
+        tick(&timer, now + Duration::from_secs(250));
+        assert_eq!(rec.naks(), vec![2, 3]);
+        tick(&timer, now + Duration::from_secs(10_000));
+        assert_eq!(rec.naks(), vec![2, 3, 1, 4]);
+        // Handed back at once: the delay was spent here.
+        assert!(rec
+            .calls()
+            .iter()
+            .all(|(_, c)| !matches!(c, Call::Nak(d) if !d.is_zero())));
+        assert_eq!(timer.counts(), (0, 0));
+        for lease in ids {
+            assert!(
+                timer.release(lease).is_none(),
+                "handed back: not to be acked"
+            );
+        }
+    }
+
+    #[test]
+    fn the_thread_hands_back_a_due_retry() {
+        let rec = Recorder::default();
+        let (timer, handle) = Timer::<Fake>::spawn(ACK_WAIT).unwrap();
+        let later = timer.hold(rec.message(1));
+        timer.retry_after(later, Duration::from_secs(3600));
+        // An earlier deadline wakes the thread.
+        let soon = timer.hold(rec.message(2));
+        timer.retry_after(soon, Duration::from_millis(1));
+        rec.wait_for("the due one back", |calls| {
+            calls.contains(&(2, Call::Nak(Duration::ZERO)))
+        });
+        assert_eq!(rec.naks(), vec![2]);
+        assert_eq!(timer.counts(), (0, 1));
+        timer.stop();
+        handle.join().unwrap();
+    }
+
+    #[test]
+    fn drain_hands_back_what_waits_with_the_rest_of_its_delay() {
+        let rec = Recorder::default();
+        let timer = Timer::<Fake>::new(ACK_WAIT);
+        let running = timer.hold(rec.message(1));
+        let waiting = timer.hold(rec.message(2));
+        let hour = Duration::from_secs(3600);
+        timer.retry_after(waiting, hour);
+        assert_eq!(timer.drain(), 1);
+        let calls = rec.calls();
+        assert_eq!(calls.len(), 1);
+        let (2, Call::Nak(rest)) = calls[0] else {
+            panic!("{calls:?}")
+        };
+        assert!(
+            rest <= hour && rest > hour - Duration::from_secs(600),
+            "{rest:?}"
+        );
+        assert!(timer.release(waiting).is_none());
+        assert_eq!(timer.counts(), (1, 0));
+        // While draining a new retry goes back at once, with its whole delay.
+        timer.retry_after(running, Duration::from_secs(5));
+        assert_eq!(rec.calls()[1], (1, Call::Nak(Duration::from_secs(5))));
+        assert_eq!(timer.counts(), (0, 0));
+        assert!(timer.release(running).is_none());
+    }
+
+    #[test]
+    fn shutdown_hands_back_only_what_has_not_returned() {
+        let rec = Recorder::default();
+        let (timer, handle) = Timer::<Fake>::spawn(ACK_WAIT).unwrap();
+        let finishing = timer.hold(rec.message(1));
+        let running = timer.hold(rec.message(2));
+        let also_running = timer.hold(rec.message(3));
+        timer.returned(finishing);
+        assert_eq!(timer.unreturned(), 2);
+        timer.stop();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !handle.is_finished() {
+            assert!(Instant::now() < deadline, "the timer thread did not stop");
+            thread::sleep(Duration::from_millis(2));
+        }
+        handle.join().unwrap();
+        let mut naks = rec.naks();
+        naks.sort();
+        assert_eq!(naks, vec![2, 3]);
+        assert!(rec
+            .calls()
+            .iter()
+            .all(|(_, c)| *c == Call::Nak(Duration::ZERO) || *c == Call::Progress));
+        assert!(timer.release(running).is_none());
+        assert!(timer.release(also_running).is_none());
+        assert!(
+            timer.release(finishing).is_some(),
+            "left for its worker to ack"
+        );
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Hold,
+        RetryAfter(usize, u64),
+        Returned(usize),
+        Release(usize),
+        Tick(u64),
+        Drain,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => Just(Op::Hold),
+            3 => (0..16usize, 0..100u64).prop_map(|(i, s)| Op::RetryAfter(i, s)),
+            1 => (0..16usize).prop_map(Op::Returned),
+            2 => (0..16usize).prop_map(Op::Release),
+            3 => (0..50u64).prop_map(Op::Tick),
+            1 => Just(Op::Drain),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the worker threads and the timer do, each message taken is running or
+        /// waiting exactly once until it leaves, and leaves once: released to its worker
+        /// (never also handed back) or handed back (once, and then not released).
+        #[test]
+        fn each_lease_is_running_or_waiting_exactly_once(ops in proptest::collection::vec(op(), 1..60)) {
+            let rec = Recorder::default();
+            let timer = Timer::<Fake>::new(ACK_WAIT);
+            let start = Instant::now();
+            let mut clock = start;
+            let mut leases: Vec<LeaseId> = Vec::new();
+            let mut released: Vec<u32> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Hold => leases.push(timer.hold(rec.message(leases.len() as u32))),
+                    Op::RetryAfter(i, secs) => if let Some(l) = leases.get(i) {
+                        timer.retry_after(*l, Duration::from_secs(secs));
+                    },
+                    Op::Returned(i) => if let Some(l) = leases.get(i) {
+                        timer.returned(*l);
+                    },
+                    Op::Release(i) => if let Some(l) = leases.get(i) {
+                        if let Some(m) = timer.release(*l) {
+                            released.push(m.id);
+                        }
+                    },
+                    Op::Tick(secs) => {
+                        // Far ahead of the real clock, so what retry_after scheduled is due.
+                        clock += Duration::from_secs(secs + 3600);
+                        tick(&timer, clock);
+                    }
+                    Op::Drain => {
+                        timer.drain();
+                    }
+                }
+                let naks = rec.naks();
+                let state = timer.lock();
+                for (n, lease) in leases.iter().enumerate() {
+                    let id = n as u32;
+                    let held = state.held.get(&lease.0);
+                    let handed_back = naks.iter().filter(|x| **x == id).count();
+                    let was_released = released.contains(&id);
+                    prop_assert!(handed_back <= 1, "{id} handed back {handed_back} times");
+                    prop_assert!(!(handed_back == 1 && was_released), "{id} handed back and released");
+                    let gone = handed_back == 1 || was_released;
+                    prop_assert_eq!(held.is_some(), !gone, "lease {} held: {:?}", id, held.is_some());
+                    if let Some(l) = held {
+                        let queued = state.due.iter().filter(|Reverse((at, i))| *i == lease.0 && l.due == Some(*at)).count();
+                        // Waiting: exactly one live heap entry; running: none.
+                        prop_assert_eq!(queued, usize::from(l.due.is_some()), "lease {}", id);
+                    }
+                }
+                let waiting = state.held.values().filter(|l| l.due.is_some()).count();
+                drop(state);
+                prop_assert_eq!(timer.counts(), (timer.lock().held.len() - waiting, waiting));
+            }
+        }
+    }
+}
