@@ -7,7 +7,7 @@
 use std::io::Read as _;
 use std::net::{SocketAddr, ToSocketAddrs as _};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -255,7 +255,12 @@ impl CachingResolver {
     /// Entries held in the cache (0 or 1).
     #[cfg(test)]
     fn cached(&self) -> usize {
-        usize::from(self.cache.lock().map(|c| c.is_some()).unwrap_or(false))
+        usize::from(self.cache().is_some())
+    }
+
+    /// The cache slot; a panic elsewhere while it was held leaves a usable value.
+    fn cache(&self) -> MutexGuard<'_, Option<(Instant, ResolvedSocketAddrs)>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -274,8 +279,7 @@ impl Resolver for CachingResolver {
         let is_gateway = self.gateway.as_deref() == Some(key.as_str());
         let now = Instant::now();
         if is_gateway {
-            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((at, addrs)) = cache.as_ref() {
+            if let Some((at, addrs)) = self.cache().as_ref() {
                 if now.duration_since(*at) < DNS_TTL {
                     return Ok(addrs.clone());
                 }
@@ -297,8 +301,7 @@ impl Resolver for CachingResolver {
             return Err(ureq::Error::HostNotFound);
         }
         if is_gateway {
-            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            *cache = Some((now, addrs.clone()));
+            *self.cache() = Some((now, addrs.clone()));
         }
         Ok(addrs)
     }
