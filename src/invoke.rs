@@ -677,6 +677,28 @@ mod tests {
     }
 
     #[test]
+    fn only_failures_before_a_connection_count_as_nothing_sent() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        for e in [
+            ureq::Error::HostNotFound,
+            ureq::Error::ConnectionFailed,
+            ureq::Error::Timeout(ureq::Timeout::Resolve),
+            ureq::Error::Timeout(ureq::Timeout::Connect),
+            ureq::Error::Io(refused),
+        ] {
+            assert!(!maybe_sent(&e), "{e}");
+        }
+        for e in [
+            ureq::Error::Timeout(ureq::Timeout::RecvResponse),
+            ureq::Error::Timeout(ureq::Timeout::Global),
+            ureq::Error::Io(reset),
+        ] {
+            assert!(maybe_sent(&e), "{e}");
+        }
+    }
+
+    #[test]
     fn head_size_counts_what_is_sent() {
         let headers = vec![
             ("Host".to_string(), "x".repeat(100)),
