@@ -2,8 +2,8 @@
 //! pulling one message per free worker, acks, and pipelined publishing. Swapping the client
 //! library means rewriting this module only.
 //!
-//! The blocking `nats` crate has sharp edges this module steers around (see the project notes):
-//! no `fetch()` (it can hang forever), an explicit flush after every pull request (the client
+//! The blocking `nats` crate (0.26, deprecated) has sharp edges this module steers around: no
+//! `fetch()` (it can hang forever), an explicit flush after every pull request (the client
 //! otherwise waits up to 5 ms), no random delay before the first connect, unlimited reconnects,
 //! and status replies (404, 408, 409) that arrive as messages without a reply subject.
 //!
@@ -33,6 +33,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
+
+use crate::config::{NatsAuth, NatsTls};
 
 use nats::header::HeaderMap;
 use nats::jetstream::{
@@ -65,6 +67,8 @@ const API_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum BrokerError {
     /// Could not connect to any server.
     Connect { urls: String, source: io::Error },
+    /// A server refused the credentials or the TLS handshake: retrying cannot help.
+    Refused { urls: String, why: String },
     /// Gave up connecting because shutdown was requested.
     Interrupted,
     /// A JetStream API call failed.
@@ -82,11 +86,12 @@ pub enum BrokerError {
 impl fmt::Display for BrokerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BrokerError::Connect { urls, source } => {
-                write!(f, "cannot connect to NATS at {urls}: {source}")
+            BrokerError::Connect { urls, .. } => write!(f, "cannot connect to NATS at {urls}"),
+            BrokerError::Refused { urls, why } => {
+                write!(f, "server {urls} refused the connection: {why}")
             }
             BrokerError::Interrupted => write!(f, "interrupted while connecting to NATS"),
-            BrokerError::Api { step, source } => write!(f, "{step}: {source}"),
+            BrokerError::Api { step, .. } => write!(f, "{step}"),
             BrokerError::Closed => write!(f, "the NATS connection is closed"),
             BrokerError::Publish(why) => write!(f, "publish failed: {why}"),
             BrokerError::NoJetStream => write!(
@@ -199,20 +204,136 @@ pub struct QueueState {
     pub waiting: u64,
 }
 
+/// Where and how to connect: the servers, the credentials and TLS.
+#[derive(Debug, Clone, Copy)]
+pub struct Access<'a> {
+    pub urls: &'a [String],
+    pub auth: &'a NatsAuth,
+    pub tls: Option<&'a NatsTls>,
+}
+
+impl<'a> From<&'a crate::config::Config> for Access<'a> {
+    fn from(c: &'a crate::config::Config) -> Access<'a> {
+        Access {
+            urls: &c.nats_urls,
+            auth: &c.auth,
+            tls: c.tls.as_ref(),
+        }
+    }
+}
+
+/// Whether `seed` is a user nkey seed.
+pub(crate) fn valid_nkey_seed(seed: &str) -> bool {
+    seed.starts_with("SU") && nkeys::KeyPair::from_seed(seed).is_ok()
+}
+
+/// The client options for every connection: name, reconnect policy, credentials and TLS.
+fn options(access: Access<'_>) -> Result<nats::Options, String> {
+    let mut options = match access.auth {
+        NatsAuth::None => nats::Options::new(),
+        NatsAuth::Token(t) => nats::Options::with_token(t.expose()),
+        NatsAuth::UserPassword { user, password } => {
+            nats::Options::with_user_pass(user, password.expose())
+        }
+        NatsAuth::Credentials(creds) => nats::Options::with_static_credentials(creds.expose())
+            .map_err(|e| format!("nats_creds_file cannot be used: {e}"))?,
+        NatsAuth::NkeySeed(seed) => {
+            let kp = nkeys::KeyPair::from_seed(seed.expose())
+                .map_err(|_| "nats_nkey_seed_file holds no valid nkey seed".to_string())?;
+            let public = kp.public_key();
+            nats::Options::with_nkey(&public, move |nonce| kp.sign(nonce).unwrap_or_default())
+        }
+    };
+    if let Some(tls) = access.tls {
+        options = options.tls_required(true);
+        if let Some(ca) = &tls.ca_file {
+            options = options.add_root_certificate(ca);
+        }
+        if let Some((cert, key)) = &tls.client_cert {
+            options = options.client_cert(cert, key);
+        }
+    }
+    Ok(options
+        .with_name(concat!("queue-worker ", env!("CARGO_PKG_VERSION")))
+        .max_reconnects(None)
+        // The crate sleeps a random 0-1 s before every connect, the first one included.
+        .reconnect_delay_callback(|n| match n {
+            0 => Duration::ZERO,
+            n => Duration::from_millis(50 * (n.min(40) as u64)),
+        }))
+}
+
+/// What a server's refusal means, when a connect error is one that retrying cannot fix: bad
+/// credentials, an untrusted or expired certificate, TLS required or refused, unusable local
+/// TLS files. `None` for the errors of a server that is merely down or unreachable.
+fn refusal(e: &io::Error, access: Access<'_>) -> Option<String> {
+    let text = e.to_string();
+    let client_cert = access.tls.is_some_and(|t| t.client_cert.is_some());
+    let lower = text.to_ascii_lowercase();
+    let has = |needle: &str| lower.contains(needle);
+    let why = if has("authorization violation") {
+        "authorization violation (the server did not accept the credentials)".to_string()
+    } else if has("authentication expired") {
+        "authentication expired (the user JWT or credentials have expired)".to_string()
+    } else if has("authentication timeout") {
+        "authentication timeout (the server expected credentials)".to_string()
+    } else if has("secure connection - tls required") || has("tls required") {
+        "TLS required (use a tls:// URL or set nats_tls_ca_file)".to_string()
+    } else if has("invalid peer certificate") {
+        let what = if has("unknownissuer") && access.tls.is_none() {
+            "unknown CA: the server requires TLS and its certificate is not signed by a system \
+             root (set nats_tls_ca_file)"
+        } else if has("unknownissuer") {
+            "unknown CA: the server's certificate is not signed by nats_tls_ca_file (or a system root)"
+        } else if has("expired") {
+            "expired certificate: the server's certificate has expired"
+        } else if has("notvalidforname") {
+            "certificate not valid for this host name"
+        } else {
+            "the server's certificate is not valid"
+        };
+        format!("{what} ({text})")
+    } else if has("received fatal alert") {
+        let what = if has("certificaterequired") || (!client_cert && has("badcertificate")) {
+            "the server requires a client certificate (set nats_tls_cert_file and nats_tls_key_file)"
+        } else if has("certificateexpired") {
+            "the server refused the client certificate as expired"
+        } else if has("unknownca") || has("badcertificate") {
+            "the server does not trust the client certificate"
+        } else {
+            "the server refused the TLS handshake"
+        };
+        format!("{what} ({text})")
+    } else if has("corrupt message") || has("invalidcontenttype") {
+        format!("the server does not offer TLS, which a tls:// URL or nats_tls_* asks for ({text})")
+    } else if has("could not load certs")
+        || has("could not add certificate or key")
+        || has("found certificate, but no key")
+        || has("no keys found")
+    {
+        format!("TLS: {text}")
+    } else {
+        return None;
+    };
+    Some(why)
+}
+
 impl Broker {
-    /// Connects, retrying with back-off while no server answers, logging each failure.
+    /// Connects, retrying with back-off while no server answers, logging each failure; a
+    /// refusal (credentials, TLS) is returned at once.
     /// `wait` sleeps for the given time and returns true when shutdown was requested.
     pub fn connect(
-        urls: &[String],
+        access: Access<'_>,
         events: Arc<dyn ConnectionEvents>,
         wait: &dyn Fn(Duration) -> bool,
     ) -> Result<Broker, BrokerError> {
         let mut delay = Duration::from_millis(100);
         loop {
-            match Broker::connect_interruptible(urls, &events, wait)? {
+            match Broker::connect_interruptible(access, &events, wait)? {
                 Ok(broker) => return Ok(broker),
+                Err(e @ BrokerError::Refused { .. }) => return Err(e),
                 Err(e) => {
-                    log::warn!("{e}; retrying in {delay:?}");
+                    log::warn!("{}; retrying in {delay:?}", crate::error_chain(&e));
                     if wait(delay) {
                         return Err(BrokerError::Interrupted);
                     }
@@ -227,17 +348,28 @@ impl Broker {
     /// that accepts and then says nothing (half-open, hung) never returns. `Err` only when
     /// interrupted; the attempt's own result otherwise.
     fn connect_interruptible(
-        urls: &[String],
+        access: Access<'_>,
         events: &Arc<dyn ConnectionEvents>,
         wait: &dyn Fn(Duration) -> bool,
     ) -> Result<Result<Broker, BrokerError>, BrokerError> {
+        let urls = access.urls;
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let (attempt_urls, attempt_events) = (urls.to_vec(), events.clone());
+        let attempt_events = events.clone();
+        let (attempt_urls, auth, tls) = (
+            access.urls.to_vec(),
+            access.auth.clone(),
+            access.tls.cloned(),
+        );
         let spawned = std::thread::Builder::new()
             .name("nats-connect".into())
             .stack_size(256 * 1024)
             .spawn(move || {
-                let _ = tx.send(Broker::connect_once(&attempt_urls, Some(attempt_events)));
+                let access = Access {
+                    urls: &attempt_urls,
+                    auth: &auth,
+                    tls: tls.as_ref(),
+                };
+                let _ = tx.send(Broker::connect_once(access, Some(attempt_events)));
             });
         if let Err(source) = spawned {
             return Ok(Err(BrokerError::Connect {
@@ -266,21 +398,17 @@ impl Broker {
 
     /// One connection attempt, for the worker and the command-line tools.
     pub fn connect_once(
-        urls: &[String],
+        access: Access<'_>,
         events: Option<Arc<dyn ConnectionEvents>>,
     ) -> Result<Broker, BrokerError> {
-        let joined = urls.join(",");
+        let joined = access.urls.join(",");
         // Errors and logs name the servers without their credentials.
-        let shown = crate::url::redact_list(urls);
+        let shown = crate::url::redact_list(access.urls);
         let generation = Arc::new(AtomicU64::new(0));
-        let mut options = nats::Options::new()
-            .with_name(concat!("queue-worker ", env!("CARGO_PKG_VERSION")))
-            .max_reconnects(None)
-            // The crate sleeps a random 0-1 s before every connect, the first one included.
-            .reconnect_delay_callback(|n| match n {
-                0 => Duration::ZERO,
-                n => Duration::from_millis(50 * (n.min(40) as u64)),
-            });
+        let mut options = options(access).map_err(|why| BrokerError::Refused {
+            urls: shown.clone(),
+            why,
+        })?;
         // A failed attempt fires its close callback too: only the connection that is
         // returned may report events, so each attempt gets its own gate.
         let gate = Arc::new(AtomicBool::new(false));
@@ -308,12 +436,19 @@ impl Broker {
                 })
                 .close_callback(on(&gate, |e| e.closed()));
         }
-        let nc = options
-            .connect(joined.as_str())
-            .map_err(|source| BrokerError::Connect {
-                urls: shown.clone(),
-                source,
-            })?;
+        let nc =
+            options
+                .connect(joined.as_str())
+                .map_err(|source| match refusal(&source, access) {
+                    Some(why) => BrokerError::Refused {
+                        urls: shown.clone(),
+                        why,
+                    },
+                    None => BrokerError::Connect {
+                        urls: shown.clone(),
+                        source,
+                    },
+                })?;
         gate.store(true, Ordering::SeqCst);
         let inbox = nc.new_inbox();
         let ledger = Arc::new(AckLedger::default());

@@ -6,46 +6,96 @@
 
 use std::fmt;
 use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The validated configuration of the worker and of its subcommands.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// NATS servers, `nats://host:port` each.
-    pub nats_urls: Vec<String>,
+    pub(crate) nats_urls: Vec<String>,
+    /// How the worker proves who it is to NATS.
+    pub(crate) auth: NatsAuth,
+    /// TLS towards NATS: on with a `tls://` URL, a CA file or a client certificate.
+    pub(crate) tls: Option<NatsTls>,
     /// The stream configured with `nats_stream`; unset, the stream that captures the queue is
     /// used, else `OF_<queue_name>` is created.
-    pub stream: Option<String>,
+    pub(crate) stream: Option<String>,
     /// The queue (`queue_name`): its messages are on this subject and every subject under it.
-    pub subject: String,
-    pub durable: String,
-    pub replicas: usize,
+    pub(crate) subject: String,
+    pub(crate) durable: String,
+    pub(crate) replicas: usize,
     /// Storage of a stream the worker creates.
-    pub storage: Storage,
+    pub(crate) storage: Storage,
     /// Base URL, no trailing slash.
-    pub gateway_url: String,
-    pub max_inflight: NonZeroUsize,
-    pub max_ack_pending: usize,
-    pub ack_wait: Duration,
-    pub upstream_timeout: Duration,
-    pub drain_timeout: Duration,
-    pub callback_timeout: Duration,
-    pub max_response_bytes: u64,
+    pub(crate) gateway_url: String,
+    pub(crate) max_inflight: NonZeroUsize,
+    pub(crate) max_ack_pending: usize,
+    pub(crate) ack_wait: Duration,
+    pub(crate) upstream_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) callback_timeout: Duration,
+    pub(crate) max_response_bytes: u64,
     /// Largest request line plus queued headers; a larger request fails without a retry.
-    pub max_request_header_bytes: usize,
+    pub(crate) max_request_header_bytes: usize,
     pub log: LogConfig,
-    pub metrics_port: u16,
+    pub(crate) metrics_port: u16,
     /// Where the metrics endpoint binds (all interfaces by default, for Kubernetes).
-    pub metrics_address: std::net::IpAddr,
-    pub retry: RetryConfig,
-    pub dead_letter_subject: Option<String>,
+    pub(crate) metrics_address: std::net::IpAddr,
+    pub(crate) retry: RetryConfig,
+    pub(crate) dead_letter_subject: Option<String>,
     /// One line for each setting that was given but has no effect yet, to log at start.
     pub notices: Vec<String>,
 }
 
+/// A secret value: `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// How the worker authenticates to NATS (one mode at a time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatsAuth {
+    /// No credentials of its own (a `nats://user:pass@host` URL still sends its own).
+    None,
+    /// `nats_token` / `nats_token_file`.
+    Token(Secret),
+    /// `nats_user` with `nats_password` / `nats_password_file`.
+    UserPassword { user: String, password: Secret },
+    /// The contents of `nats_creds_file`: a NATS 2 user JWT and its nkey seed.
+    Credentials(Secret),
+    /// The seed read from `nats_nkey_seed_file`.
+    NkeySeed(Secret),
+}
+
+/// TLS towards NATS: the private CA to trust and a client certificate, both optional (no CA
+/// file: the system's roots).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NatsTls {
+    pub ca_file: Option<PathBuf>,
+    /// Certificate and key files.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
 /// Where a stream created by the worker keeps its messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Storage {
+pub(crate) enum Storage {
     /// On disk: survives a restart of the server (the default).
     File,
     /// In memory: lost with the server; for demos and throw-away queues.
@@ -53,22 +103,22 @@ pub enum Storage {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogEncoding {
+pub(crate) enum LogEncoding {
     Console,
     Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogConfig {
-    pub encoding: LogEncoding,
-    pub debug: bool,
-    pub print_request_body: bool,
-    pub print_response_body: bool,
+    pub(crate) encoding: LogEncoding,
+    pub(crate) debug: bool,
+    pub(crate) print_request_body: bool,
+    pub(crate) print_response_body: bool,
 }
 
 /// How the delay between attempts grows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backoff {
+pub(crate) enum Backoff {
     /// `initial * 2^(n-1)`, capped, no jitter.
     Exponential,
     /// A random delay in `[0, d]`.
@@ -79,20 +129,20 @@ pub enum Backoff {
 
 /// Retry settings, the defaults that per-function annotations override.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RetryConfig {
-    pub http_codes: Vec<u16>,
-    pub max_attempts: NonZeroU32,
-    pub initial_wait: Duration,
-    pub max_wait: Duration,
-    pub backoff: Backoff,
+pub(crate) struct RetryConfig {
+    pub(crate) http_codes: Vec<u16>,
+    pub(crate) max_attempts: NonZeroU32,
+    pub(crate) initial_wait: Duration,
+    pub(crate) max_wait: Duration,
+    pub(crate) backoff: Backoff,
 }
 
 /// A variable whose value cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
-    pub var: &'static str,
-    pub value: String,
-    pub expected: String,
+    pub(crate) var: &'static str,
+    pub(crate) value: String,
+    pub(crate) expected: String,
 }
 
 impl fmt::Display for ConfigError {
@@ -109,7 +159,7 @@ impl std::error::Error for ConfigError {}
 
 /// The value a setting takes when its variable is unset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum DefaultIs {
+enum DefaultIs {
     /// This text, read exactly as if the variable held it.
     Value(&'static str),
     /// No value: the feature is off.
@@ -123,7 +173,7 @@ type Refusal = String;
 
 /// One environment variable, defined once: parsing, `--help` and the README table all come from
 /// here. To add a setting, add an entry to [`SETTINGS`] (and its field to [`Config`]).
-pub(crate) struct Setting {
+struct Setting {
     pub(crate) name: &'static str,
     pub(crate) default: DefaultIs,
     /// One line for `--help` and the README.
@@ -139,6 +189,7 @@ struct Draft {
     nats_port: u16,
     /// Set by a setting that is accepted but has no effect yet: why.
     inert: Option<&'static str>,
+    nats: NatsDraft,
 }
 
 /// Accepts a setting of the OpenFaaS chart that this worker does not act on yet.
@@ -146,6 +197,63 @@ fn inert<T>(d: &mut Draft, parsed: Result<T, Refusal>, why: &'static str) -> Res
     parsed?;
     d.inert = Some(why);
     Ok(())
+}
+
+/// The authentication and TLS settings as given, resolved into [`NatsAuth`] and [`NatsTls`]
+/// once all are read.
+#[derive(Default)]
+struct NatsDraft {
+    token: Option<Secret>,
+    token_file: Option<Secret>,
+    user: Option<String>,
+    password: Option<Secret>,
+    password_file: Option<Secret>,
+    creds: Option<Secret>,
+    nkey_seed: Option<Secret>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+}
+
+/// Settings whose values are never shown, not even in an error.
+const SECRET_SETTINGS: &[&str] = &["nats_token", "nats_password"];
+
+/// What an error shows of a setting's value.
+fn shown_value(var: &str, value: String) -> String {
+    if SECRET_SETTINGS.contains(&var) {
+        "(hidden)".into()
+    } else if var == "nats_url" {
+        value
+            .split(',')
+            .map(|u| crate::url::redact(u, true))
+            .collect::<Vec<_>>()
+            .join(",")
+    } else {
+        value
+    }
+}
+
+/// Reads a file named by a setting (the form in which OpenFaaS mounts secrets).
+fn read_file(path: &str) -> Result<String, Refusal> {
+    std::fs::read_to_string(path).map_err(|e| format!("a readable file ({e})"))
+}
+
+/// A secret from a file, without its trailing newline.
+fn secret_file(path: &str) -> Result<Secret, Refusal> {
+    let text = read_file(path)?;
+    let value = text.trim_end_matches(['\n', '\r']);
+    if value.is_empty() {
+        return Err("a file that is not empty".into());
+    }
+    Ok(Secret::new(value))
+}
+
+/// A readable PEM file.
+fn pem_file(path: &str) -> Result<PathBuf, Refusal> {
+    if !read_file(path)?.contains("-----BEGIN ") {
+        return Err("a PEM file (-----BEGIN ...)".into());
+    }
+    Ok(PathBuf::from(path))
 }
 
 const NAME: &str = "a name of letters, digits, '-' and '_' (no '.', '*', '>' or spaces)";
@@ -175,7 +283,7 @@ fn flag(v: &str) -> Result<bool, Refusal> {
 
 /// Every setting, in the order of `--help` and the README. Defaults are written as values of
 /// the variable itself.
-pub(crate) const SETTINGS: &[Setting] = &[
+const SETTINGS: &[Setting] = &[
     Setting {
         name: "nats_host",
         default: DefaultIs::Value("127.0.0.1"),
@@ -204,6 +312,105 @@ pub(crate) const SETTINGS: &[Setting] = &[
         help: "comma-separated `nats://` URLs of a cluster; overrides host/port",
         apply: |d, v| {
             d.c.nats_urls = with(v, "comma-separated nats://host:port URLs", parse_nats_urls)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_token",
+        default: DefaultIs::Unset,
+        help: "token to authenticate to NATS (prefer `nats_token_file`)",
+        apply: |d, v| {
+            d.nats.token = Some(Secret::new(v));
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_token_file",
+        default: DefaultIs::Unset,
+        help: "file holding the NATS token (a mounted secret; trailing newline ignored)",
+        apply: |d, v| {
+            d.nats.token_file = Some(secret_file(v)?);
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_user",
+        default: DefaultIs::Unset,
+        help: "user to authenticate to NATS, with `nats_password` or `nats_password_file`",
+        apply: |d, v| {
+            d.nats.user = Some(v.to_string());
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_password",
+        default: DefaultIs::Unset,
+        help: "password of `nats_user` (prefer `nats_password_file`)",
+        apply: |d, v| {
+            d.nats.password = Some(Secret::new(v));
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_password_file",
+        default: DefaultIs::Unset,
+        help: "file holding the password of `nats_user` (trailing newline ignored)",
+        apply: |d, v| {
+            d.nats.password_file = Some(secret_file(v)?);
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_creds_file",
+        default: DefaultIs::Unset,
+        help: "NATS 2 credentials file (user JWT and nkey seed)",
+        apply: |d, v| {
+            let text = read_file(v)?;
+            if !(text.contains("BEGIN NATS USER JWT") && text.contains("BEGIN USER NKEY SEED")) {
+                return Err("a NATS credentials file (user JWT and nkey seed)".into());
+            }
+            d.nats.creds = Some(Secret::new(text));
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_nkey_seed_file",
+        default: DefaultIs::Unset,
+        help: "file holding a user nkey seed (`SU...`) to authenticate to NATS",
+        apply: |d, v| {
+            let seed = secret_file(v)?;
+            let seed = Secret::new(seed.expose().trim());
+            if !crate::broker::valid_nkey_seed(seed.expose()) {
+                return Err("a file holding a user nkey seed (SU...)".into());
+            }
+            d.nats.nkey_seed = Some(seed);
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_tls_ca_file",
+        default: DefaultIs::Unset,
+        help: "PEM file of the CA that signed the NATS server's certificate; turns TLS on",
+        apply: |d, v| {
+            d.nats.ca_file = Some(pem_file(v)?);
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_tls_cert_file",
+        default: DefaultIs::Unset,
+        help: "PEM client certificate for NATS (with `nats_tls_key_file`); turns TLS on",
+        apply: |d, v| {
+            d.nats.cert_file = Some(pem_file(v)?);
+            Ok(())
+        },
+    },
+    Setting {
+        name: "nats_tls_key_file",
+        default: DefaultIs::Unset,
+        help: "PEM private key of `nats_tls_cert_file`",
+        apply: |d, v| {
+            d.nats.key_file = Some(pem_file(v)?);
             Ok(())
         },
     },
@@ -620,12 +827,13 @@ impl Config {
             nats_host: String::new(),
             nats_port: 0,
             inert: None,
+            nats: NatsDraft::default(),
         };
         for s in SETTINGS {
             let Some(value) = effective(s) else { continue };
             (s.apply)(&mut draft, &value).map_err(|expected| ConfigError {
                 var: s.name,
-                value: value.clone(),
+                value: shown_value(s.name, value.clone()),
                 expected,
             })?;
             if let (Some(why), Some(_)) = (draft.inert.take(), get(s.name)) {
@@ -639,6 +847,7 @@ impl Config {
             mut c,
             nats_host,
             nats_port,
+            nats,
             ..
         } = draft;
         if c.nats_urls.is_empty() {
@@ -657,9 +866,15 @@ impl Config {
         }
         let refuse = |var: &'static str, expected: String| ConfigError {
             var,
-            value: effective(setting(var).expect("a setting")).unwrap_or_default(),
+            value: shown_value(
+                var,
+                effective(setting(var).expect("a setting")).unwrap_or_default(),
+            ),
             expected,
         };
+        (c.auth, c.tls) = nats
+            .resolve(&c.nats_urls)
+            .map_err(|(var, e)| refuse(var, e))?;
         if get("max_ack_pending").is_none() {
             c.max_ack_pending = c.max_ack_pending.max(c.max_inflight.get());
         } else if c.max_ack_pending < c.max_inflight.get() {
@@ -683,7 +898,8 @@ impl Config {
     }
 
     /// The configuration with every default, as used by tests.
-    pub fn defaults() -> Config {
+    #[cfg(test)]
+    pub(crate) fn defaults() -> Config {
         Config::from_lookup(|_| None).expect("the defaults are valid")
     }
 
@@ -691,6 +907,8 @@ impl Config {
     fn blank() -> Config {
         Config {
             nats_urls: Vec::new(),
+            auth: NatsAuth::None,
+            tls: None,
             stream: None,
             subject: String::new(),
             durable: String::new(),
@@ -726,6 +944,92 @@ impl Config {
     }
 }
 
+impl NatsDraft {
+    /// One authentication mode and the TLS settings, or the variable that contradicts another.
+    fn resolve(
+        self,
+        urls: &[String],
+    ) -> Result<(NatsAuth, Option<NatsTls>), (&'static str, Refusal)> {
+        let both = |a: &'static str, b: &str| (a, format!("either {a} or {b}, not both"));
+        let token = match (self.token, self.token_file) {
+            (Some(_), Some(_)) => return Err(both("nats_token", "nats_token_file")),
+            (t, f) => t.or(f),
+        };
+        let password = match (self.password, self.password_file) {
+            (Some(_), Some(_)) => return Err(both("nats_password", "nats_password_file")),
+            (p, f) => p.or(f),
+        };
+        let url_user = urls.iter().any(|u| crate::url::has_userinfo(u));
+        // Each mode that is asked for, by the variable that asks for it.
+        let mut modes: Vec<(&'static str, NatsAuth)> = Vec::new();
+        if let Some(t) = token {
+            modes.push(("nats_token", NatsAuth::Token(t)));
+        }
+        match (self.user, password) {
+            (Some(user), Some(password)) => {
+                modes.push(("nats_user", NatsAuth::UserPassword { user, password }))
+            }
+            (Some(_), None) => {
+                return Err((
+                    "nats_user",
+                    "a user with nats_password or nats_password_file".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(("nats_password", "a password with nats_user set".into()))
+            }
+            (None, None) => {}
+        }
+        if let Some(creds) = self.creds {
+            modes.push(("nats_creds_file", NatsAuth::Credentials(creds)));
+        }
+        if let Some(seed) = self.nkey_seed {
+            modes.push(("nats_nkey_seed_file", NatsAuth::NkeySeed(seed)));
+        }
+        if url_user && !modes.is_empty() {
+            return Err((
+                "nats_url",
+                format!(
+                    "URLs without user:password@ when {} is set (one authentication mode at a time)",
+                    modes[0].0
+                ),
+            ));
+        }
+        if modes.len() > 1 {
+            return Err((
+                modes[1].0,
+                format!(
+                    "unset: {} is set too (one authentication mode at a time)",
+                    modes[0].0
+                ),
+            ));
+        }
+        let auth = modes.pop().map_or(NatsAuth::None, |(_, a)| a);
+        let client_cert = match (self.cert_file, self.key_file) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (Some(_), None) => {
+                return Err((
+                    "nats_tls_cert_file",
+                    "a certificate with nats_tls_key_file set to its key".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err((
+                    "nats_tls_key_file",
+                    "a key with nats_tls_cert_file set to its certificate".into(),
+                ))
+            }
+            (None, None) => None,
+        };
+        let tls_url = urls.iter().any(|u| u.starts_with("tls://"));
+        let tls = (tls_url || self.ca_file.is_some() || client_cert.is_some()).then_some(NatsTls {
+            ca_file: self.ca_file,
+            client_cert,
+        });
+        Ok((auth, tls))
+    }
+}
+
 impl Setting {
     /// The default as `--help` and the README show it.
     fn shown_default(&self) -> String {
@@ -751,8 +1055,9 @@ pub fn help() -> String {
     out
 }
 
-/// The README's settings table, in Markdown.
-pub fn markdown_table() -> String {
+/// The README's settings table, in Markdown (checked against the README by a test).
+#[cfg(test)]
+fn markdown_table() -> String {
     let mut out = String::from("| variable | default | meaning |\n|---|---|---|\n");
     for s in SETTINGS {
         let default = match s.default {
@@ -765,12 +1070,12 @@ pub fn markdown_table() -> String {
 }
 
 /// Parses a Go duration (`300ms`, `1.5s`, `1m30s`, `0`); negative durations are refused.
-pub fn parse_duration(s: &str) -> Option<Duration> {
+pub(crate) fn parse_duration(s: &str) -> Option<Duration> {
     crate::duration::parse_go_duration(s.trim()).ok()
 }
 
 /// Go's `strconv.ParseBool`.
-pub fn parse_bool(s: &str) -> Option<bool> {
+fn parse_bool(s: &str) -> Option<bool> {
     match s {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
@@ -779,7 +1084,7 @@ pub fn parse_bool(s: &str) -> Option<bool> {
 }
 
 /// A comma-separated list of HTTP status codes (100 to 599).
-pub fn parse_status_codes(s: &str) -> Option<Vec<u16>> {
+pub(crate) fn parse_status_codes(s: &str) -> Option<Vec<u16>> {
     let mut codes = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let code: u16 = part.parse().ok()?;
@@ -1156,6 +1461,111 @@ mod tests {
         assert_eq!(c.upstream_timeout, Duration::from_micros(1));
         let e = config(&[("upstream_timeout", "1é")]).unwrap_err();
         assert_eq!(e.var, "upstream_timeout");
+    }
+
+    #[test]
+    fn nats_auth_modes_and_secret_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        assert_eq!(Config::defaults().auth, NatsAuth::None);
+        assert_eq!(Config::defaults().tls, None);
+        let token = file("token", "s3cret\r\n");
+        let c = config(&[("nats_token_file", &token)]).unwrap();
+        assert_eq!(c.auth, NatsAuth::Token(Secret::new("s3cret")));
+        let pass = file("pass", "pa55\n");
+        let c = config(&[("nats_user", "u"), ("nats_password_file", &pass)]).unwrap();
+        assert_eq!(
+            c.auth,
+            NatsAuth::UserPassword {
+                user: "u".into(),
+                password: Secret::new("pa55")
+            }
+        );
+        assert!(
+            !format!("{c:?}").contains("pa55"),
+            "Debug shows the password"
+        );
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        let seed_file = file("seed", &format!("{seed}\n"));
+        let c = config(&[("nats_nkey_seed_file", &seed_file)]).unwrap();
+        assert_eq!(c.auth, NatsAuth::NkeySeed(Secret::new(seed)));
+        let not_seed = file("not-seed", "hello\n");
+        let e = config(&[("nats_nkey_seed_file", &not_seed)]).unwrap_err();
+        assert_eq!(e.var, "nats_nkey_seed_file");
+        let e = config(&[("nats_creds_file", &not_seed)]).unwrap_err();
+        assert_eq!(e.var, "nats_creds_file");
+        let empty = file("empty", "\n");
+        assert_eq!(
+            config(&[("nats_token_file", &empty)]).unwrap_err().var,
+            "nats_token_file"
+        );
+    }
+
+    #[test]
+    fn contradictory_nats_auth_is_refused_without_showing_secrets() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[
+                    ("nats_token", "s3"),
+                    ("nats_user", "u"),
+                    ("nats_password", "s4"),
+                ],
+                "nats_user",
+            ),
+            (&[("nats_user", "u")], "nats_user"),
+            (&[("nats_password", "s4")], "nats_password"),
+            (
+                &[("nats_token_file", "/nonexistent/file")],
+                "nats_token_file",
+            ),
+            (
+                &[("nats_url", "nats://u:s4@h:4222"), ("nats_token", "s3")],
+                "nats_url",
+            ),
+        ];
+        for (pairs, var) in cases {
+            let e = config(pairs).unwrap_err();
+            assert_eq!(e.var, *var, "{pairs:?}");
+            let shown = e.to_string();
+            assert!(!shown.contains("s3") && !shown.contains("s4"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn tls_is_on_with_a_tls_url_or_tls_files_and_needs_cert_and_key_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("x.pem");
+        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let pem = pem.display().to_string();
+        let c = config(&[("nats_url", "tls://nats:4222")]).unwrap();
+        assert_eq!(c.tls, Some(NatsTls::default()));
+        let c = config(&[("nats_tls_ca_file", &pem)]).unwrap();
+        assert_eq!(c.tls.unwrap().ca_file, Some(PathBuf::from(&pem)));
+        let e = config(&[("nats_tls_cert_file", &pem)]).unwrap_err();
+        assert_eq!(e.var, "nats_tls_cert_file");
+        let e = config(&[("nats_tls_key_file", &pem)]).unwrap_err();
+        assert_eq!(e.var, "nats_tls_key_file");
+        let c = config(&[("nats_tls_cert_file", &pem), ("nats_tls_key_file", &pem)]).unwrap();
+        assert!(c.tls.unwrap().client_cert.is_some());
+        let not_pem = dir.path().join("x.txt");
+        std::fs::write(&not_pem, "x").unwrap();
+        let e = config(&[("nats_tls_ca_file", not_pem.to_str().unwrap())]).unwrap_err();
+        assert_eq!(e.var, "nats_tls_ca_file");
+    }
+
+    #[test]
+    fn redact_hides_passwords_and_tokens_in_urls() {
+        let redact = |u| crate::url::redact(u, true);
+        assert_eq!(redact("nats://u:p@h:4222"), "nats://u:***@h:4222");
+        assert_eq!(redact("tls://tok@h:4222"), "tls://***@h:4222");
+        assert_eq!(redact("nats://h:4222"), "nats://h:4222");
+        assert_eq!(redact("nats://u:p@ss@h:4222"), "nats://u:***@h:4222");
+        let e = config(&[("nats_url", "nats://u:s3cret@h:4222,http://x")]).unwrap_err();
+        assert!(!e.to_string().contains("s3cret"), "{e}");
     }
 
     #[test]

@@ -260,7 +260,7 @@ impl CachingResolver {
 
     /// The cache slot; a panic elsewhere while it was held leaves a usable value.
     fn cache(&self) -> MutexGuard<'_, Option<(Instant, ResolvedSocketAddrs)>> {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.cache)
     }
 }
 

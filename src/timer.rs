@@ -14,7 +14,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -301,9 +301,7 @@ impl<M: HeldMessage> Timer<M> {
 
 impl<M> Leases<M> {
     fn lock(&self) -> MutexGuard<'_, State<M>> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.state)
     }
 }
 
@@ -326,7 +324,7 @@ fn run<M: HeldMessage>(leases: &Leases<M>) {
         state = leases
             .wake
             .wait_timeout(state, wait)
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .0;
     }
     let left = state.take(|l| !l.returned, |_| Action::HandBack(Duration::ZERO));

@@ -111,6 +111,30 @@ impl NatsServer {
         server
     }
 
+    /// Like [`NatsServer::start`], with a configuration file of this text (written into the
+    /// server's temp dir and passed with `-c`; the command line still sets ports and store).
+    /// For auth and TLS blocks, e.g. `authorization { token: "t" }`.
+    pub fn start_with_config(config: &str) -> NatsServer {
+        let bin = Self::binary();
+        let dir = tempfile::Builder::new()
+            .prefix("qw-nats-")
+            .tempdir()
+            .expect("creating a temp dir for nats-server");
+        let conf = dir.path().join("server.conf");
+        std::fs::write(&conf, config).expect("writing the nats-server config file");
+        let mut server = NatsServer {
+            bin,
+            extra_args: vec!["-c".into(), conf.display().to_string()],
+            dir,
+            child: None,
+            port: 0,
+            monitor_port: 0,
+            reported: AtomicBool::new(false),
+        };
+        server.spawn(None);
+        server
+    }
+
     /// The client URL, `nats://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
