@@ -1,37 +1,50 @@
 //! Self-cleaning fixtures for the integration tests: real parts, never mocks.
 //!
-//! - [`NatsServer`]: a real `nats-server` with JetStream on ephemeral ports and its own store;
-//!   [`NatsCluster`]: several of them routed into one JetStream cluster.
+//! - [`NatsServer`] (`server.rs`): a real `nats-server` with JetStream on ephemeral ports and
+//!   its own store; [`NatsCluster`] (`cluster.rs`): several of them routed into one JetStream
+//!   cluster.
 //! - [`FunctionServer`]: a real HTTP server playing a function (or a callback receiver).
 //! - [`TcpProxy`]: a TCP proxy between the worker and nats-server that cuts, refuses or
 //!   black-holes connections on demand while the server lives.
 //! - [`Worker`]: the `queue-worker` binary run with a cleared environment; [`run_cli`] for
 //!   one-shot commands.
 //! - [`wait_until`] / [`wait_for`]: deadline-based polling, never fixed sleeps.
-//! - NATS client helpers ([`connect`], [`publish_raw`], ...) and gateway message builders
-//!   ([`gateway_request`], [`with_callback`]).
+//! - NATS client helpers (`client.rs`: [`connect`], [`publish_raw`], ...) and gateway message
+//!   builders (`gateway.rs`: [`gateway_request`], [`with_callback`], Go's `url.URL`).
+//! - `vectors.rs` (not declared here): the gateway test vectors and Go's JSON encoding, compiled
+//!   with `#[path]` by `tests/core.rs` and by `src/request.rs`'s unit tests.
 //!
 //! Every fixture is quiet on success; its panics carry the relevant log tail, and a `Worker` or
 //! `NatsServer` dropped while the test is panicking prints its log tail to the (captured) test
-//! output. Each test file compiles this module on its own, hence the `dead_code` allowance.
-#![allow(dead_code)]
+//! output.
+//!
+//! Dead code: each test file compiles this module on its own, so a helper that only some files
+//! use is dead code in the others. Such helpers carry `#[allow(dead_code)]` with the comment
+//! `// shared: not every test file uses it`; a helper no test file uses is removed, and the
+//! compiler (with `cargo clippy --all-targets -- -D warnings`) finds the next one.
 #![allow(deprecated)]
 
+mod client;
 mod cluster;
 mod function;
-mod nats;
+mod gateway;
 mod proxy;
+mod server;
 mod worker;
 
 // A test file that uses only some fixtures must still build warning-free.
+#[allow(unused_imports)]
+pub use self::client::*;
 #[allow(unused_imports)]
 pub use self::cluster::*;
 #[allow(unused_imports)]
 pub use self::function::*;
 #[allow(unused_imports)]
-pub use self::nats::*;
+pub use self::gateway::*;
 #[allow(unused_imports)]
 pub use self::proxy::*;
+#[allow(unused_imports)]
+pub use self::server::*;
 #[allow(unused_imports)]
 pub use self::worker::*;
 
@@ -43,6 +56,7 @@ use std::time::{Duration, Instant};
 pub const POLL: Duration = Duration::from_millis(15);
 
 /// Polls `cond` every 15 ms until it holds; panics naming `what` once `deadline` has passed.
+#[allow(dead_code)] // shared: not every test file uses it
 pub fn wait_until(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     loop {
@@ -57,6 +71,7 @@ pub fn wait_until(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool
 }
 
 /// Polls `f` every 15 ms until it returns `Some`; panics naming `what` once `deadline` has passed.
+#[allow(dead_code)] // shared: not every test file uses it
 pub fn wait_for<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
@@ -102,8 +117,13 @@ pub fn http_get(url: &str) -> Result<(u16, String), String> {
     Ok((status, body))
 }
 
-/// A port that was free a moment ago (bound on 127.0.0.1:0, then released).
-pub fn free_port() -> u16 {
+/// A port on 127.0.0.1 that nothing listens on, for "connection refused" cases (a function,
+/// callback receiver or NATS server that is not there). Bound on 127.0.0.1:0, then released:
+/// should another process take it meanwhile, the test sees a server where it expects none and
+/// fails, it cannot pass wrongly. Fixtures never use it to pick the ports they serve on (those
+/// bind port 0 and report what they got).
+#[allow(dead_code)] // shared: not every test file uses it
+pub fn closed_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

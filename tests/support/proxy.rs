@@ -20,10 +20,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// How often idle pumps and the accept loop look at the mode and the stop flag.
+#[allow(dead_code)] // shared: not every test file uses it
 pub const PUMP_POLL: Duration = Duration::from_millis(20);
 
 /// How the proxy treats traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(dead_code)] // shared: not every test file uses it
 pub enum ProxyMode {
     /// Bytes flow both ways.
     Forward = 0,
@@ -35,6 +37,7 @@ pub enum ProxyMode {
 }
 
 impl ProxyMode {
+    #[allow(dead_code)] // shared: not every test file uses it
     fn from_u8(v: u8) -> ProxyMode {
         match v {
             1 => ProxyMode::Refuse,
@@ -44,6 +47,7 @@ impl ProxyMode {
     }
 }
 
+#[allow(dead_code)] // shared: not every test file uses it
 struct Shared {
     upstream: SocketAddr,
     mode: AtomicU8,
@@ -52,17 +56,17 @@ struct Shared {
     conns: Mutex<Vec<(u64, TcpStream, TcpStream)>>,
     pumps: Mutex<Vec<JoinHandle<()>>>,
     next_id: AtomicU64,
-    accepted: AtomicU64,
-    cuts: AtomicU64,
 }
 
 impl Shared {
+    #[allow(dead_code)] // shared: not every test file uses it
     fn mode(&self) -> ProxyMode {
         ProxyMode::from_u8(self.mode.load(Ordering::SeqCst))
     }
 }
 
 /// A TCP proxy on 127.0.0.1 with an ephemeral port. Drop stops it and closes everything.
+#[allow(dead_code)] // shared: not every test file uses it
 pub struct TcpProxy {
     addr: SocketAddr,
     shared: Arc<Shared>,
@@ -71,6 +75,7 @@ pub struct TcpProxy {
 
 impl TcpProxy {
     /// Starts a proxy to `upstream` (e.g. `"127.0.0.1:4222"`), forwarding.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn start(upstream: impl ToSocketAddrs) -> TcpProxy {
         let upstream = upstream
             .to_socket_addrs()
@@ -89,8 +94,6 @@ impl TcpProxy {
             conns: Mutex::new(Vec::new()),
             pumps: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(0),
-            accepted: AtomicU64::new(0),
-            cuts: AtomicU64::new(0),
         });
         let acceptor = {
             let shared = shared.clone();
@@ -107,54 +110,37 @@ impl TcpProxy {
     }
 
     /// Starts a proxy to a NATS URL or `host:port` (`nats://127.0.0.1:4222`).
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn to_nats(url: &str) -> TcpProxy {
         TcpProxy::start(url.trim_start_matches("nats://"))
     }
 
-    /// The proxy's own address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     /// `nats://127.0.0.1:PORT` of the proxy, for the worker's `nats_address`.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn url(&self) -> String {
         format!("nats://{}", self.addr)
     }
 
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn set_mode(&self, mode: ProxyMode) {
         self.shared.mode.store(mode as u8, Ordering::SeqCst);
     }
 
-    pub fn mode(&self) -> ProxyMode {
-        self.shared.mode()
-    }
-
     /// Closes every live connection at both ends; returns how many were cut.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn cut(&self) -> usize {
         let conns = std::mem::take(&mut *self.shared.conns.lock().unwrap());
         for (_, client, server) in &conns {
             let _ = client.shutdown(Shutdown::Both);
             let _ = server.shutdown(Shutdown::Both);
         }
-        self.shared
-            .cuts
-            .fetch_add(conns.len() as u64, Ordering::SeqCst);
         conns.len()
     }
 
     /// Connections open now.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn live(&self) -> usize {
         self.shared.conns.lock().unwrap().len()
-    }
-
-    /// Connections forwarded since the start (refused ones not counted).
-    pub fn accepted(&self) -> u64 {
-        self.shared.accepted.load(Ordering::SeqCst)
-    }
-
-    /// Connections cut by [`TcpProxy::cut`] since the start.
-    pub fn cuts(&self) -> u64 {
-        self.shared.cuts.load(Ordering::SeqCst)
     }
 }
 
@@ -172,6 +158,7 @@ impl Drop for TcpProxy {
     }
 }
 
+#[allow(dead_code)] // shared: not every test file uses it
 fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
     while !shared.stop.load(Ordering::SeqCst) {
         match listener.accept() {
@@ -197,6 +184,7 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
     }
 }
 
+#[allow(dead_code)] // shared: not every test file uses it
 fn open(client: TcpStream, shared: &Arc<Shared>) -> io::Result<()> {
     client.set_nonblocking(false)?;
     if shared.mode() == ProxyMode::Refuse {
@@ -214,7 +202,6 @@ fn open(client: TcpStream, shared: &Arc<Shared>) -> io::Result<()> {
         .lock()
         .unwrap()
         .push((id, client.try_clone()?, server.try_clone()?));
-    shared.accepted.fetch_add(1, Ordering::SeqCst);
     let up = pump(id, client.try_clone()?, server.try_clone()?, shared.clone());
     let down = pump(id, server, client, shared.clone());
     let mut pumps = shared.pumps.lock().unwrap();
@@ -225,6 +212,7 @@ fn open(client: TcpStream, shared: &Arc<Shared>) -> io::Result<()> {
 
 /// Copies `from` to `to` until either ends, dropping bytes while the mode is `Blackhole`; then
 /// closes both and forgets the connection.
+#[allow(dead_code)] // shared: not every test file uses it
 fn pump(
     id: u64,
     mut from: TcpStream,
