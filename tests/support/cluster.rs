@@ -1,15 +1,17 @@
 //! A JetStream cluster of real `nats-server` processes on 127.0.0.1 (routes on loopback).
+//!
+//! Opt-in: a test file compiles it with `#[path = "support/cluster.rs"] mod cluster;` beside
+//! `mod support;` (tests/chaos.rs).
 
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{http_get, NatsServer};
+use crate::support::{http_get, NatsServer};
 
 /// `n` nodes named `n1`, `n2`, ... in cluster `chaos`, each a [`NatsServer`] with its own store
 /// and ports, routed to every other node. Drop kills every node.
-#[allow(dead_code)] // shared: not every test file uses it
 pub struct NatsCluster {
     nodes: Vec<NatsServer>,
 }
@@ -17,7 +19,6 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// Starts `n` nodes of the binary `bin` at once (a lone node is not healthy until a quorum
     /// has formed) and waits until every one answers `/healthz`.
-    #[allow(dead_code)] // shared: not every test file uses it
     pub fn start(bin: &Path, n: usize) -> NatsCluster {
         let cluster_ports: Vec<u16> = (0..n).map(|_| route_port()).collect();
         let threads: Vec<_> = (0..n)
@@ -63,45 +64,38 @@ impl NatsCluster {
     }
 
     /// How many nodes the cluster has (running or not).
-    #[allow(dead_code)] // shared: not every test file uses it
     pub fn len(&self) -> usize {
         self.nodes.len()
     }
 
     /// Node `i` (0-based); its server name is `n{i+1}`.
-    #[allow(dead_code)] // shared: not every test file uses it
     pub fn node(&mut self, i: usize) -> &mut NatsServer {
         &mut self.nodes[i]
     }
 
     /// The index of the node named `name` ("n2" is 1).
-    #[allow(dead_code)] // shared: not every test file uses it
     pub fn index_of(&self, name: &str) -> Option<usize> {
         let i: usize = name.strip_prefix('n')?.parse().ok()?;
         (1..=self.nodes.len()).contains(&i).then(|| i - 1)
     }
 
     /// Every node's client URL, comma-separated (the form `nats_url` takes).
-    #[allow(dead_code)] // shared: not every test file uses it
     pub fn urls(&self) -> String {
         let urls: Vec<String> = self.nodes.iter().map(|n| n.url()).collect();
         urls.join(",")
     }
 
     /// The server name of the leader of `stream`, as the first node that answers sees it.
-    #[allow(dead_code)] // shared: not every test file uses it
     pub fn stream_leader(&self, stream: &str) -> Option<String> {
         self.leaders(stream, None)
     }
 
     /// The server name of the leader of consumer `durable` on `stream`.
-    #[allow(dead_code)] // shared: not every test file uses it
     pub fn consumer_leader(&self, stream: &str, durable: &str) -> Option<String> {
         self.leaders(stream, Some(durable))
     }
 
     /// The leader named by `/jsz` of any node that answers (nodes that are down are skipped).
-    #[allow(dead_code)] // shared: not every test file uses it
     fn leaders(&self, stream: &str, durable: Option<&str>) -> Option<String> {
         self.nodes.iter().find_map(|node| {
             let url = format!("{}/jsz?consumers=true", node.monitor_url());
@@ -129,7 +123,6 @@ impl NatsCluster {
     }
 
     /// Asks the consumer's leader to step down (a new one is elected among the replicas).
-    #[allow(dead_code)] // shared: not every test file uses it
     pub fn step_down_consumer(&self, nc: &::nats::Connection, stream: &str, durable: &str) {
         let subject = format!("$JS.API.CONSUMER.LEADER.STEPDOWN.{stream}.{durable}");
         let _ = nc.request_timeout(&subject, b"", Duration::from_secs(5));
@@ -137,10 +130,12 @@ impl NatsCluster {
 }
 
 /// A port that was free a moment ago (bound on 127.0.0.1:0, then released), for a node's route
-/// listener. The one fixture port picked ahead: every node's route URL must be on every other
-/// node's command line before any starts (they start together, a lone node is never healthy).
-/// Client and monitor ports are the server's own choice (`-p -1 -m -1`, ports file).
-#[allow(dead_code)] // shared: not every test file uses it
+/// listener: the one fixture port picked ahead, a documented race. nats-server takes
+/// `--cluster nats://127.0.0.1:-1` (an ephemeral route port), but a JetStream cluster node
+/// refuses to start without configured routes ("JetStream cluster requires configured routes"),
+/// so every node needs the others' route URLs on its command line before any starts (and they
+/// start together: a lone node is never healthy). Client and monitor ports are the server's own
+/// choice (`-p -1 -m -1`, read from the ports file).
 fn route_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -1,18 +1,24 @@
 //! Self-cleaning fixtures for the integration tests: real parts, never mocks.
 //!
-//! - [`NatsServer`] (`server.rs`): a real `nats-server` with JetStream on ephemeral ports and
-//!   its own store; [`NatsCluster`] (`cluster.rs`): several of them routed into one JetStream
-//!   cluster.
-//! - [`FunctionServer`]: a real HTTP server playing a function (or a callback receiver).
-//! - [`TcpProxy`]: a TCP proxy between the worker and nats-server that cuts, refuses or
-//!   black-holes connections on demand while the server lives.
-//! - [`Worker`]: the `queue-worker` binary run with a cleared environment; [`run_cli`] for
-//!   one-shot commands.
-//! - [`wait_until`] / [`wait_for`]: deadline-based polling, never fixed sleeps.
-//! - NATS client helpers (`client.rs`: [`connect`], [`publish_raw`], ...) and gateway message
-//!   builders (`gateway.rs`: [`gateway_request`], [`with_callback`], Go's `url.URL`).
-//! - `vectors.rs` (not declared here): the gateway test vectors and Go's JSON encoding, compiled
-//!   with `#[path]` by `tests/core.rs` and by `src/request.rs`'s unit tests.
+//! Declared here (every test file compiles them with `mod support;`):
+//! - `server.rs`: [`NatsServer`], a real `nats-server` with JetStream on ephemeral ports and
+//!   its own store.
+//! - `client.rs`: the test's own NATS connection ([`connect`], [`publish_raw`], ...).
+//! - `gateway.rs`: QueueRequests as the gateway publishes them ([`gateway_request`],
+//!   [`with_callback`], Go's `url.URL` object).
+//! - `function.rs`: [`FunctionServer`], a real HTTP server playing a function (or a callback
+//!   receiver).
+//! - `worker.rs`: [`Worker`], the `queue-worker` binary run with a cleared environment;
+//!   [`run_cli`] for one-shot commands.
+//! - here: [`wait_until`] / [`wait_for`] (deadline-based polling, never fixed sleeps), HTTP GET.
+//!
+//! Opt-in (not declared here: a test file that needs one compiles it itself with
+//! `#[path = "support/NAME.rs"] mod NAME;`, so the files that do not need it do not carry it):
+//! - `cluster.rs`: `NatsCluster`, nodes routed into one JetStream cluster (tests/chaos.rs).
+//! - `proxy.rs`: `TcpProxy`, a TCP proxy between the worker and nats-server that cuts, refuses
+//!   or black-holes connections while the server lives (tests/chaos.rs, tests/faults.rs).
+//! - `vectors.rs`: the gateway test vectors and Go's JSON encoding (tests/core.rs, and the unit
+//!   tests of src/request.rs).
 //!
 //! Every fixture is quiet on success; its panics carry the relevant log tail, and a `Worker` or
 //! `NatsServer` dropped while the test is panicking prints its log tail to the (captured) test
@@ -20,15 +26,15 @@
 //!
 //! Dead code: each test file compiles this module on its own, so a helper that only some files
 //! use is dead code in the others. Such helpers carry `#[allow(dead_code)]` with the comment
-//! `// shared: not every test file uses it`; a helper no test file uses is removed, and the
-//! compiler (with `cargo clippy --all-targets -- -D warnings`) finds the next one.
+//! `// shared: not every test file uses it`; a helper no test file uses is removed. A new
+//! helper without the allowance is reported by the compiler (`cargo clippy --all-targets -- -D
+//! warnings`) in every file that does not use it: add the allowance once a second file, not
+//! all, uses it. Fixtures only one or two files use are opt-in modules (above) instead.
 #![allow(deprecated)]
 
 mod client;
-mod cluster;
 mod function;
 mod gateway;
-mod proxy;
 mod server;
 mod worker;
 
@@ -36,13 +42,9 @@ mod worker;
 #[allow(unused_imports)]
 pub use self::client::*;
 #[allow(unused_imports)]
-pub use self::cluster::*;
-#[allow(unused_imports)]
 pub use self::function::*;
 #[allow(unused_imports)]
 pub use self::gateway::*;
-#[allow(unused_imports)]
-pub use self::proxy::*;
 #[allow(unused_imports)]
 pub use self::server::*;
 #[allow(unused_imports)]

@@ -11,6 +11,9 @@
 //! Std only, no async: one accept thread, two pump threads per connection. Every thread polls
 //! its socket with a short read timeout, so mode changes and [`Drop`] take effect within
 //! [`PUMP_POLL`]. Drop closes the listener and every connection and joins every thread.
+//!
+//! Opt-in: a test file compiles it with `#[path = "support/proxy.rs"] mod proxy;` beside
+//! `mod support;` (tests/chaos.rs, tests/faults.rs).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -20,12 +23,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// How often idle pumps and the accept loop look at the mode and the stop flag.
-#[allow(dead_code)] // shared: not every test file uses it
 pub const PUMP_POLL: Duration = Duration::from_millis(20);
 
 /// How the proxy treats traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(dead_code)] // shared: not every test file uses it
 pub enum ProxyMode {
     /// Bytes flow both ways.
     Forward = 0,
@@ -37,7 +38,6 @@ pub enum ProxyMode {
 }
 
 impl ProxyMode {
-    #[allow(dead_code)] // shared: not every test file uses it
     fn from_u8(v: u8) -> ProxyMode {
         match v {
             1 => ProxyMode::Refuse,
@@ -47,7 +47,6 @@ impl ProxyMode {
     }
 }
 
-#[allow(dead_code)] // shared: not every test file uses it
 struct Shared {
     upstream: SocketAddr,
     mode: AtomicU8,
@@ -59,14 +58,12 @@ struct Shared {
 }
 
 impl Shared {
-    #[allow(dead_code)] // shared: not every test file uses it
     fn mode(&self) -> ProxyMode {
         ProxyMode::from_u8(self.mode.load(Ordering::SeqCst))
     }
 }
 
 /// A TCP proxy on 127.0.0.1 with an ephemeral port. Drop stops it and closes everything.
-#[allow(dead_code)] // shared: not every test file uses it
 pub struct TcpProxy {
     addr: SocketAddr,
     shared: Arc<Shared>,
@@ -75,7 +72,6 @@ pub struct TcpProxy {
 
 impl TcpProxy {
     /// Starts a proxy to `upstream` (e.g. `"127.0.0.1:4222"`), forwarding.
-    #[allow(dead_code)] // shared: not every test file uses it
     pub fn start(upstream: impl ToSocketAddrs) -> TcpProxy {
         let upstream = upstream
             .to_socket_addrs()
@@ -110,24 +106,20 @@ impl TcpProxy {
     }
 
     /// Starts a proxy to a NATS URL or `host:port` (`nats://127.0.0.1:4222`).
-    #[allow(dead_code)] // shared: not every test file uses it
     pub fn to_nats(url: &str) -> TcpProxy {
         TcpProxy::start(url.trim_start_matches("nats://"))
     }
 
     /// `nats://127.0.0.1:PORT` of the proxy, for the worker's `nats_address`.
-    #[allow(dead_code)] // shared: not every test file uses it
     pub fn url(&self) -> String {
         format!("nats://{}", self.addr)
     }
 
-    #[allow(dead_code)] // shared: not every test file uses it
     pub fn set_mode(&self, mode: ProxyMode) {
         self.shared.mode.store(mode as u8, Ordering::SeqCst);
     }
 
     /// Closes every live connection at both ends; returns how many were cut.
-    #[allow(dead_code)] // shared: not every test file uses it
     pub fn cut(&self) -> usize {
         let conns = std::mem::take(&mut *self.shared.conns.lock().unwrap());
         for (_, client, server) in &conns {
@@ -158,7 +150,6 @@ impl Drop for TcpProxy {
     }
 }
 
-#[allow(dead_code)] // shared: not every test file uses it
 fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
     while !shared.stop.load(Ordering::SeqCst) {
         match listener.accept() {
@@ -184,7 +175,6 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
     }
 }
 
-#[allow(dead_code)] // shared: not every test file uses it
 fn open(client: TcpStream, shared: &Arc<Shared>) -> io::Result<()> {
     client.set_nonblocking(false)?;
     if shared.mode() == ProxyMode::Refuse {
@@ -212,7 +202,6 @@ fn open(client: TcpStream, shared: &Arc<Shared>) -> io::Result<()> {
 
 /// Copies `from` to `to` until either ends, dropping bytes while the mode is `Blackhole`; then
 /// closes both and forgets the connection.
-#[allow(dead_code)] // shared: not every test file uses it
 fn pump(
     id: u64,
     mut from: TcpStream,
