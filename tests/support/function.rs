@@ -12,8 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Largest request head (request line plus headers, or a chunk-size line or trailers) the
-/// server accepts.
+/// Largest request head (request line plus headers) the server accepts.
 const MAX_HEAD: usize = 64 * 1024;
 /// Header slots httparse is given first; doubled while a head has more.
 const HEADERS_FIRST: usize = 64;
@@ -36,7 +35,6 @@ pub struct Seen {
 
 impl Seen {
     /// The first value of header `name` (case-insensitive).
-    #[allow(dead_code)] // shared: not every test file uses it
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -45,7 +43,6 @@ impl Seen {
     }
 
     /// Every value of header `name` (case-insensitive), in arrival order.
-    #[allow(dead_code)] // shared: not every test file uses it
     pub fn header_all(&self, name: &str) -> Vec<&str> {
         self.headers
             .iter()
@@ -58,6 +55,14 @@ impl Seen {
     #[allow(dead_code)] // shared: not every test file uses it
     pub fn path(&self) -> &str {
         self.url.split('?').next().unwrap_or("")
+    }
+
+    /// Whether a header `name` lists `token` (comma-separated, case-insensitive).
+    fn has_token(&self, name: &str, token: &str) -> bool {
+        self.header_all(name)
+            .iter()
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
     }
 
     /// The body as lossy UTF-8.
@@ -384,40 +389,6 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// A parsed request head.
-struct Head {
-    method: String,
-    url: String,
-    /// The minor version: 0 for HTTP/1.0, 1 for HTTP/1.1 (httparse knows no other).
-    minor: u8,
-    headers: Vec<(String, String)>,
-}
-
-impl Head {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn has_token(&self, name: &str, token: &str) -> bool {
-        self.headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .flat_map(|(_, v)| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    }
-
-    fn keep_alive(&self) -> bool {
-        if self.minor == 0 {
-            self.has_token("Connection", "keep-alive")
-        } else {
-            !self.has_token("Connection", "close")
-        }
-    }
-}
-
 /// One connection's socket and the bytes read from it but not yet consumed (httparse parses
 /// from a buffer; what follows a head is the start of its body or of the next request).
 struct Conn {
@@ -437,119 +408,98 @@ impl Conn {
         Ok(n)
     }
 
-    /// Parses with `parse` (an httparse call on the buffer), reading more until it completes;
-    /// consumes what it parsed. `what` names the part for errors.
-    fn parse<T>(
-        &mut self,
-        what: &str,
-        mut parse: impl FnMut(&[u8]) -> Result<httparse::Status<(usize, T)>, String>,
-    ) -> Result<T, String> {
-        loop {
-            if let httparse::Status::Complete((n, v)) = parse(&self.buf)? {
-                self.buf.drain(..n);
-                return Ok(v);
-            }
-            if self.buf.len() > MAX_HEAD {
-                return Err(format!("{what} too large"));
-            }
-            if self.fill()? == 0 {
-                return Err(format!("connection closed in {what}"));
-            }
-        }
-    }
-
-    /// Takes exactly `n` bytes (buffered first, then from the socket).
-    fn take(&mut self, n: usize, what: &str) -> Result<Vec<u8>, String> {
-        let have = self.buf.len().min(n);
-        let mut out: Vec<u8> = self.buf.drain(..have).collect();
-        out.resize(n, 0);
-        self.stream
-            .read_exact(&mut out[have..])
-            .map_err(|e| format!("reading {what}: {e}"))?;
-        Ok(out)
-    }
-
-    /// Reads a request head; `Ok(None)` if the connection closed before a request (blank lines
-    /// between requests are tolerated).
-    fn read_head(&mut self) -> Result<Option<(Head, Instant)>, String> {
+    /// Reads one request: head, then body (answering `Expect: 100-continue` in between).
+    /// `Ok(None)` if the connection closed before a request (blank lines between requests are
+    /// tolerated); else the request and whether the client keeps the connection alive.
+    fn read_request(&mut self, writer: &mut TcpStream) -> Result<Option<(Seen, bool)>, String> {
         while self.buf.iter().all(|b| matches!(b, b'\r' | b'\n')) {
             if self.fill()? == 0 {
                 return Ok(None);
             }
         }
-        let mut slots = HEADERS_FIRST;
-        let head = self.parse("request head", |buf| loop {
-            let mut headers = vec![httparse::EMPTY_HEADER; slots];
-            let mut req = httparse::Request::new(&mut headers);
-            match req.parse(buf) {
-                Ok(httparse::Status::Partial) => return Ok(httparse::Status::Partial),
-                Ok(httparse::Status::Complete(n)) => {
-                    return Ok(httparse::Status::Complete((n, head_of(&req)?)))
-                }
-                Err(httparse::Error::TooManyHeaders) if slots < MAX_HEAD => slots *= 2,
-                Err(e) => return Err(format!("bad request head: {e}")),
+        let (mut seen, minor) = loop {
+            if let Some((n, seen, minor)) = parse_head(&self.buf)? {
+                self.buf.drain(..n);
+                break (seen, minor);
             }
-        })?;
-        Ok(Some((head, Instant::now())))
+            if self.buf.len() > MAX_HEAD {
+                return Err("request head too large".to_string());
+            }
+            if self.fill()? == 0 {
+                return Err("connection closed in the request head".to_string());
+            }
+        };
+        if seen.has_token("Expect", "100-continue") {
+            let _ = writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        seen.body = self.read_body(&seen)?;
+        let keep_alive = if minor == 0 {
+            seen.has_token("Connection", "keep-alive")
+        } else {
+            !seen.has_token("Connection", "close")
+        };
+        Ok(Some((seen, keep_alive)))
     }
 
-    /// Reads the body `head` announces (chunked or Content-Length; none without either).
-    fn read_body(&mut self, head: &Head) -> Result<Vec<u8>, String> {
-        if head.has_token("Transfer-Encoding", "chunked") {
-            let mut body = Vec::new();
-            loop {
-                let size = self.parse("chunk size line", |buf| {
-                    httparse::parse_chunk_size(buf).map_err(|_| "bad chunk size line".to_string())
-                })?;
-                if size == 0 {
-                    // Trailers, up to the empty line.
-                    self.parse("trailers", |buf| {
-                        let mut trailers = [httparse::EMPTY_HEADER; HEADERS_FIRST];
-                        match httparse::parse_headers(buf, &mut trailers) {
-                            Ok(httparse::Status::Complete((n, _))) => {
-                                Ok(httparse::Status::Complete((n, ())))
-                            }
-                            Ok(httparse::Status::Partial) => Ok(httparse::Status::Partial),
-                            Err(e) => Err(format!("bad trailers: {e}")),
-                        }
-                    })?;
-                    return Ok(body);
-                }
-                let size = usize::try_from(size).map_err(|_| "chunk too large".to_string())?;
-                body.extend(self.take(size, "a chunk")?);
-                if self.take(2, "the CRLF after a chunk")? != b"\r\n" {
-                    return Err("chunk not followed by CRLF".to_string());
-                }
-            }
+    /// Reads the body `head` announces with Content-Length (none without it). The worker (ureq
+    /// with a byte-slice body) always sends Content-Length and never forwards Transfer-Encoding:
+    /// a chunked request is refused (400, counted in `partial`), not decoded.
+    fn read_body(&mut self, head: &Seen) -> Result<Vec<u8>, String> {
+        if let Some(te) = head.header("Transfer-Encoding") {
+            return Err(format!(
+                "Transfer-Encoding {te:?}: the fixture reads Content-Length only"
+            ));
         }
-        match head.header("Content-Length") {
-            Some(len) => {
-                let len: usize = len
-                    .parse()
-                    .map_err(|_| format!("bad Content-Length {len:?}"))?;
-                self.take(len, &format!("a {len}-byte body"))
-            }
-            None => Ok(Vec::new()),
-        }
+        let Some(len) = head.header("Content-Length") else {
+            return Ok(Vec::new());
+        };
+        let len: usize = len
+            .parse()
+            .map_err(|_| format!("bad Content-Length {len:?}"))?;
+        let have = self.buf.len().min(len);
+        let mut body: Vec<u8> = self.buf.drain(..have).collect();
+        body.resize(len, 0);
+        self.stream
+            .read_exact(&mut body[have..])
+            .map_err(|e| format!("reading a {len}-byte body: {e}"))?;
+        Ok(body)
     }
 }
 
-/// The owned head of a request httparse completed; `Err` if a header is not UTF-8.
-fn head_of(req: &httparse::Request) -> Result<Head, String> {
-    let headers = req
-        .headers
-        .iter()
-        .map(|h| {
-            let v = std::str::from_utf8(h.value).map_err(|_| "request head is not UTF-8")?;
-            Ok((h.name.to_string(), v.trim().to_string()))
-        })
-        .collect::<Result<_, String>>()?;
-    Ok(Head {
-        method: req.method.unwrap_or_default().to_string(),
-        url: req.path.unwrap_or_default().to_string(),
-        minor: req.version.unwrap_or(1),
-        headers,
-    })
+/// Parses a request head at the start of `buf` with httparse: `Ok(None)` while incomplete, else
+/// its length, the request (body still empty) and its minor HTTP version (0 or 1: httparse
+/// knows no other); `Err` if it is malformed or a header value is not UTF-8.
+fn parse_head(buf: &[u8]) -> Result<Option<(usize, Seen, u8)>, String> {
+    let mut slots = HEADERS_FIRST;
+    loop {
+        let mut headers = vec![httparse::EMPTY_HEADER; slots];
+        let mut req = httparse::Request::new(&mut headers);
+        let n = match req.parse(buf) {
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Ok(httparse::Status::Complete(n)) => n,
+            Err(httparse::Error::TooManyHeaders) if slots < MAX_HEAD => {
+                slots *= 2;
+                continue;
+            }
+            Err(e) => return Err(format!("bad request head: {e}")),
+        };
+        let headers = req
+            .headers
+            .iter()
+            .map(|h| match std::str::from_utf8(h.value) {
+                Ok(v) => Ok((h.name.to_string(), v.trim().to_string())),
+                Err(_) => Err("request head is not UTF-8".to_string()),
+            })
+            .collect::<Result<_, String>>()?;
+        let seen = Seen {
+            method: req.method.unwrap_or_default().to_string(),
+            url: req.path.unwrap_or_default().to_string(),
+            headers,
+            body: Vec::new(),
+            at: Instant::now(),
+        };
+        return Ok(Some((n, seen, req.version.unwrap_or(1))));
+    }
 }
 
 fn serve_connection(stream: TcpStream, shared: &Shared) {
@@ -572,8 +522,8 @@ fn serve_requests(conn: &mut Conn, writer: &mut TcpStream, shared: &Shared) {
             return;
         }
         // Ok(None): the client closed the connection between requests.
-        let (head, at) = match conn.read_head() {
-            Ok(Some(h)) => h,
+        let (seen, keep_alive) = match conn.read_request(writer) {
+            Ok(Some(r)) => r,
             Ok(None) => return,
             Err(e) => {
                 shared.partial.fetch_add(1, Ordering::SeqCst);
@@ -581,26 +531,7 @@ fn serve_requests(conn: &mut Conn, writer: &mut TcpStream, shared: &Shared) {
                 return;
             }
         };
-        if head.has_token("Expect", "100-continue") {
-            let _ = writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
-        }
-        let body = match conn.read_body(&head) {
-            Ok(b) => b,
-            Err(e) => {
-                shared.partial.fetch_add(1, Ordering::SeqCst);
-                let _ = write_response(writer, &Reply::status(400).with_body(e), true, false);
-                return;
-            }
-        };
-        let keep_alive = head.keep_alive();
-        let is_head = head.method == "HEAD";
-        let seen = Seen {
-            method: head.method,
-            url: head.url,
-            headers: head.headers,
-            body,
-            at,
-        };
+        let is_head = seen.method == "HEAD";
         shared.seen.lock().unwrap().push(seen.clone());
         shared.in_flight.fetch_add(1, Ordering::SeqCst);
         let in_flight = InFlight(shared);
