@@ -140,7 +140,8 @@ fn callback_gets_the_result_with_openfaas_headers() {
 fn callback_reports_503_when_the_function_cannot_be_reached() {
     let nats = NatsServer::start();
     let callbacks = FunctionServer::ok();
-    let closed = format!("http://127.0.0.1:{}", closed_port());
+    let refusing = closed_port();
+    let closed = format!("http://127.0.0.1:{refusing}");
     let _worker = Worker::start_ready(nats.url(), closed, &[("max_retry_attempts", "1")]);
     let nc = connect(&nats.url());
     publish_json(
@@ -159,7 +160,8 @@ fn a_failed_callback_does_not_hold_the_queue() {
     let function = FunctionServer::ok();
     let worker = Worker::start_ready(nats.url(), function.url(), &[("max_inflight", "1")]);
     let nc = connect(&nats.url());
-    let nowhere = format!("http://127.0.0.1:{}/cb", closed_port());
+    let refusing = closed_port();
+    let nowhere = format!("http://127.0.0.1:{refusing}/cb");
     publish_json(
         &nc,
         QUEUE,

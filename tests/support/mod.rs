@@ -119,17 +119,41 @@ pub fn http_get(url: &str) -> Result<(u16, String), String> {
     Ok((status, body))
 }
 
-/// A port on 127.0.0.1 that nothing listens on, for "connection refused" cases (a function,
-/// callback receiver or NATS server that is not there). Bound on 127.0.0.1:0, then released:
-/// should another process take it meanwhile, the test sees a server where it expects none and
-/// fails, it cannot pass wrongly. Fixtures never use it to pick the ports they serve on (those
-/// bind port 0 and report what they got).
+/// A port on 127.0.0.1 that refuses connections while this value lives, for "connection
+/// refused" cases (a function, callback receiver or NATS server that is not there): a socket is
+/// bound to it and never listens, so the kernel answers every connect with a reset and no other
+/// process can take the port meanwhile. Displays as the port number.
 #[allow(dead_code)] // shared: not every test file uses it
-pub fn closed_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
+pub struct ClosedPort {
+    _socket: socket2::Socket,
+    port: u16,
+}
+
+impl std::fmt::Display for ClosedPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.port)
+    }
+}
+
+/// Binds a [`ClosedPort`] on 127.0.0.1 (an ephemeral port, not listening).
+#[allow(dead_code)] // shared: not every test file uses it
+pub fn closed_port() -> ClosedPort {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("creating a TCP socket");
+    let any: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
+    socket
+        .bind(&any.into())
+        .expect("binding a TCP socket on 127.0.0.1:0");
+    let port = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
         .map(|a| a.port())
-        .expect("binding 127.0.0.1:0 to find a free port")
+        .expect("the bound socket's port");
+    ClosedPort {
+        _socket: socket,
+        port,
+    }
 }
 
 /// The last `n` lines of `text`.
