@@ -1383,7 +1383,6 @@ mod tests {
                 "filter_partition",
                 "limiter_enabled",
                 "queue_partitions",
-                "tls_insecure"
             ],
             "one line each for what has no effect yet"
         );
@@ -1425,6 +1424,32 @@ mod tests {
         assert!(w[1].contains("did you mean max_inflight"), "{w:?}");
         assert!(w[2].contains("did you mean ack_wait"), "{w:?}");
         assert!(w[3].contains("retired"), "{w:?}");
+    }
+
+    #[test]
+    fn basic_auth_reads_the_gateway_secrets_as_openfaas_mounts_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mount = dir.path().to_str().unwrap();
+        let err = config(&[("basic_auth", "true"), ("secret_mount_path", mount)]).unwrap_err();
+        assert_eq!(err.var, "basic_auth");
+        assert!(err.expected.contains("basic-auth-user"), "{err}");
+        std::fs::write(dir.path().join("basic-auth-user"), "admin\n").unwrap();
+        std::fs::write(dir.path().join("basic-auth-password"), "s3cret\n").unwrap();
+        let c = config(&[("basic_auth", "true"), ("secret_mount_path", mount)]).unwrap();
+        let (user, password) = c.gateway_auth.clone().unwrap();
+        assert_eq!((user.as_str(), password.expose()), ("admin", "s3cret"));
+        assert!(!format!("{c:?}").contains("s3cret"), "Debug hides the password");
+        assert!(config(&[("secret_mount_path", mount)]).unwrap().gateway_auth.is_none());
+    }
+
+    #[test]
+    fn callback_hosts_and_tls_insecure() {
+        let c = config(&[("callback_allowed_hosts", "cb.example, *.svc:8080")]).unwrap();
+        assert!(c.callback_allowed_hosts.is_some());
+        assert!(!c.tls_insecure);
+        assert!(config(&[("tls_insecure", "true")]).unwrap().tls_insecure);
+        let err = config(&[("callback_allowed_hosts", "http://x")]).unwrap_err();
+        assert_eq!(err.var, "callback_allowed_hosts");
     }
 
     #[test]

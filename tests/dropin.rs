@@ -235,7 +235,7 @@ fn the_openfaas_chart_env_block_starts_the_worker() {
         .filter_map(|l| l["msg"].as_str().map(String::from))
         .filter(|m| m.contains("has no effect yet"))
         .collect();
-    assert_eq!(infos.len(), 7, "one line per inert setting: {infos:?}");
+    assert_eq!(infos.len(), 6, "one line per inert setting: {infos:?}");
     let w = warnings(&worker);
     assert!(
         w.iter()
