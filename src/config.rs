@@ -936,7 +936,10 @@ impl Config {
             c.gateway_auth = Some(gateway_credentials(&secret_mount_path).map_err(|e| {
                 refuse(
                     "basic_auth",
-                    format!("false, or {e} (secret_mount_path={})", secret_mount_path.display()),
+                    format!(
+                        "false, or {e} (secret_mount_path={})",
+                        secret_mount_path.display()
+                    ),
                 )
             })?);
         }
@@ -1438,8 +1441,14 @@ mod tests {
         let c = config(&[("basic_auth", "true"), ("secret_mount_path", mount)]).unwrap();
         let (user, password) = c.gateway_auth.clone().unwrap();
         assert_eq!((user.as_str(), password.expose()), ("admin", "s3cret"));
-        assert!(!format!("{c:?}").contains("s3cret"), "Debug hides the password");
-        assert!(config(&[("secret_mount_path", mount)]).unwrap().gateway_auth.is_none());
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "Debug hides the password"
+        );
+        assert!(config(&[("secret_mount_path", mount)])
+            .unwrap()
+            .gateway_auth
+            .is_none());
     }
 
     #[test]

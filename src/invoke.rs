@@ -458,7 +458,11 @@ impl Invoker {
                     .disable_verification(tls_insecure)
                     .build(),
             );
-            ureq::Agent::with_parts(config.build(), PlainHttpConnector::default(), resolver.clone())
+            ureq::Agent::with_parts(
+                config.build(),
+                PlainHttpConnector::default(),
+                resolver.clone(),
+            )
         };
         Invoker {
             agent: agent(config.upstream_timeout),
@@ -469,7 +473,10 @@ impl Invoker {
             gateway_authorization: config.gateway_auth.as_ref().map(|(user, password)| {
                 use base64::Engine as _;
                 let pair = format!("{user}:{}", password.expose());
-                format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(pair)
+                )
             }),
         }
     }
