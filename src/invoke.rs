@@ -735,6 +735,21 @@ mod tests {
         assert_eq!(request_head_bytes("GET", "/p", &headers), 25);
     }
 
+    #[cfg(feature = "tls")]
+    #[test]
+    fn tls_insecure_turns_certificate_checks_off_for_gateway_and_callbacks() {
+        let resolver = CachingResolver::for_gateway("http://gateway:8080");
+        let checked = |insecure: bool| {
+            let mut config = Config::defaults();
+            config.tls_insecure = insecure;
+            let invoker = Invoker::new(&config, &resolver);
+            [&invoker.agent, &invoker.callback_agent]
+                .map(|a| !a.config().tls_config().disable_verification())
+        };
+        assert_eq!(checked(false), [true, true]);
+        assert_eq!(checked(true), [false, false]);
+    }
+
     #[test]
     fn only_the_gateway_is_cached() {
         let resolver = CachingResolver::for_gateway("http://localhost:8080");
