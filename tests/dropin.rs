@@ -75,25 +75,24 @@ fn requests_on_the_queue_and_every_subject_under_it_run() {
 
 #[test]
 fn a_stream_made_by_hand_that_captures_the_queue_is_used_as_it_is() {
-    let nats = NatsServer::start();
-    let nc = connect(&nats.url());
-    add_stream(&nc, "jobs", &[QUEUE, &format!("{QUEUE}.>")]);
-    let function = FunctionServer::ok();
-    let worker = Worker::start_ready(nats.url(), function.url(), &[]);
-    assert_eq!(
-        stream_names(&nc),
-        vec!["jobs".to_string()],
-        "nothing created"
-    );
-    assert_eq!(
-        jetstream(&nc).stream_info("jobs").unwrap().config.storage,
-        StorageType::Memory,
-        "left as it was"
-    );
-    publish_json(&nc, &format!("{QUEUE}.echo"), &gateway_request("echo", b""));
-    function.wait_for_count(1, SECS(10));
-    assert!(warnings(&worker).is_empty(), "{:?}", warnings(&worker));
-    worker.wait_log("using stream jobs", SECS(1));
+    // OpenFaaS's own name for it, and any other name.
+    for name in [format!("OF_{QUEUE}"), "jobs".to_string()] {
+        let nats = NatsServer::start();
+        let nc = connect(&nats.url());
+        add_stream(&nc, &name, &[QUEUE, &format!("{QUEUE}.>")]);
+        let function = FunctionServer::ok();
+        let worker = Worker::start_ready(nats.url(), function.url(), &[]);
+        assert_eq!(stream_names(&nc), vec![name.clone()], "nothing created");
+        assert_eq!(
+            jetstream(&nc).stream_info(&name).unwrap().config.storage,
+            StorageType::Memory,
+            "left as it was"
+        );
+        publish_json(&nc, &format!("{QUEUE}.echo"), &gateway_request("echo", b""));
+        function.wait_for_count(1, SECS(10));
+        assert!(warnings(&worker).is_empty(), "{:?}", warnings(&worker));
+        assert_eq!(consumer_info(&nc, &name, DURABLE).num_pending, 0);
+    }
 }
 
 #[test]
