@@ -257,7 +257,7 @@ fn serve(
     );
 
     let mut spec = QueueSpec::from(config);
-    let bound = broker.ensure(&spec)?;
+    let bound = broker.provision(&spec)?;
     spec.stream = bound.stream.clone();
     for warning in &bound.warnings {
         log::warn!("{warning}");
@@ -402,7 +402,7 @@ fn serve(
 /// Makes sure a stream stores dead letters before any message can be given up, and says
 /// which one does.
 fn ensure_dead_letters(broker: &Broker, subject: &str, spec: &QueueSpec) -> Result<(), Error> {
-    let stream = broker.ensure_dead_letters(subject, spec)?;
+    let stream = broker.provision_dead_letters(subject, spec)?;
     if stream.created {
         log::info!(
             "created stream {} for dead letters on {subject} (file storage, {} replica(s), kept {} days)",
@@ -587,7 +587,7 @@ fn monitor(
             Ok(true) => healthy = true,
             Ok(false) => {
                 health.set_bound(false);
-                match broker.ensure(spec) {
+                match broker.provision(spec) {
                     Ok(_) => {
                         log::warn!("the stream or consumer was gone and has been re-created");
                         health.set_bound(true);
