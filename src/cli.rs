@@ -38,7 +38,7 @@ pub enum Command {
 
 /// Where a request body comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum BodySource {
+pub(crate) enum BodySource {
     #[default]
     Empty,
     Text(String),
@@ -48,14 +48,14 @@ pub enum BodySource {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishArgs {
-    pub function: String,
-    pub body: BodySource,
-    pub headers: Vec<(String, String)>,
-    pub method: String,
-    pub path: String,
-    pub query: String,
-    pub callback: Option<String>,
-    pub count: usize,
+    pub(crate) function: String,
+    pub(crate) body: BodySource,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) method: String,
+    pub(crate) path: String,
+    pub(crate) query: String,
+    pub(crate) callback: Option<String>,
+    pub(crate) count: usize,
 }
 
 /// Parses the arguments after the program name.

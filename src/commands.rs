@@ -13,7 +13,7 @@ use crate::Error;
 const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A random version-4 UUID, the form the gateway uses for `X-Call-Id`.
-pub fn new_call_id() -> String {
+pub(crate) fn new_call_id() -> String {
     let mut b = fastrand::u128(..).to_be_bytes();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
@@ -163,7 +163,7 @@ pub fn status(config: &Config, json: bool) -> Result<(), Error> {
 
 /// The subject the gateway publishes a request for `function` to: `Q.NAME` or
 /// `Q.NAME.NAMESPACE`. None for a name that cannot be one or two subject tokens.
-pub(crate) fn publish_subject(queue: &str, function: &str) -> Option<String> {
+fn publish_subject(queue: &str, function: &str) -> Option<String> {
     let tokens = function.split('.').count();
     let ok =
         valid_function_name(function) && tokens <= 2 && !function.split('.').any(str::is_empty);

@@ -13,37 +13,37 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct Config {
     /// NATS servers, `nats://host:port` each.
-    pub nats_urls: Vec<String>,
+    pub(crate) nats_urls: Vec<String>,
     /// How the worker proves who it is to NATS.
-    pub auth: NatsAuth,
+    pub(crate) auth: NatsAuth,
     /// TLS towards NATS: on with a `tls://` URL, a CA file or a client certificate.
-    pub tls: Option<NatsTls>,
+    pub(crate) tls: Option<NatsTls>,
     /// The stream configured with `nats_stream`; unset, the stream that captures the queue is
     /// used, else `OF_<queue_name>` is created.
-    pub stream: Option<String>,
+    pub(crate) stream: Option<String>,
     /// The queue (`queue_name`): its messages are on this subject and every subject under it.
-    pub subject: String,
-    pub durable: String,
-    pub replicas: usize,
+    pub(crate) subject: String,
+    pub(crate) durable: String,
+    pub(crate) replicas: usize,
     /// Storage of a stream the worker creates.
-    pub storage: Storage,
+    pub(crate) storage: Storage,
     /// Base URL, no trailing slash.
-    pub gateway_url: String,
-    pub max_inflight: NonZeroUsize,
-    pub max_ack_pending: usize,
-    pub ack_wait: Duration,
-    pub upstream_timeout: Duration,
-    pub drain_timeout: Duration,
-    pub callback_timeout: Duration,
-    pub max_response_bytes: u64,
+    pub(crate) gateway_url: String,
+    pub(crate) max_inflight: NonZeroUsize,
+    pub(crate) max_ack_pending: usize,
+    pub(crate) ack_wait: Duration,
+    pub(crate) upstream_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) callback_timeout: Duration,
+    pub(crate) max_response_bytes: u64,
     /// Largest request line plus queued headers; a larger request fails without a retry.
-    pub max_request_header_bytes: usize,
+    pub(crate) max_request_header_bytes: usize,
     pub log: LogConfig,
-    pub metrics_port: u16,
+    pub(crate) metrics_port: u16,
     /// Where the metrics endpoint binds (all interfaces by default, for Kubernetes).
-    pub metrics_address: std::net::IpAddr,
-    pub retry: RetryConfig,
-    pub dead_letter_subject: Option<String>,
+    pub(crate) metrics_address: std::net::IpAddr,
+    pub(crate) retry: RetryConfig,
+    pub(crate) dead_letter_subject: Option<String>,
     /// One line for each setting that was given but has no effect yet, to log at start.
     pub notices: Vec<String>,
 }
@@ -95,7 +95,7 @@ pub struct NatsTls {
 
 /// Where a stream created by the worker keeps its messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Storage {
+pub(crate) enum Storage {
     /// On disk: survives a restart of the server (the default).
     File,
     /// In memory: lost with the server; for demos and throw-away queues.
@@ -103,22 +103,22 @@ pub enum Storage {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogEncoding {
+pub(crate) enum LogEncoding {
     Console,
     Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogConfig {
-    pub encoding: LogEncoding,
-    pub debug: bool,
-    pub print_request_body: bool,
-    pub print_response_body: bool,
+    pub(crate) encoding: LogEncoding,
+    pub(crate) debug: bool,
+    pub(crate) print_request_body: bool,
+    pub(crate) print_response_body: bool,
 }
 
 /// How the delay between attempts grows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backoff {
+pub(crate) enum Backoff {
     /// `initial * 2^(n-1)`, capped, no jitter.
     Exponential,
     /// A random delay in `[0, d]`.
@@ -129,20 +129,20 @@ pub enum Backoff {
 
 /// Retry settings, the defaults that per-function annotations override.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RetryConfig {
-    pub http_codes: Vec<u16>,
-    pub max_attempts: NonZeroU32,
-    pub initial_wait: Duration,
-    pub max_wait: Duration,
-    pub backoff: Backoff,
+pub(crate) struct RetryConfig {
+    pub(crate) http_codes: Vec<u16>,
+    pub(crate) max_attempts: NonZeroU32,
+    pub(crate) initial_wait: Duration,
+    pub(crate) max_wait: Duration,
+    pub(crate) backoff: Backoff,
 }
 
 /// A variable whose value cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
-    pub var: &'static str,
-    pub value: String,
-    pub expected: String,
+    pub(crate) var: &'static str,
+    pub(crate) value: String,
+    pub(crate) expected: String,
 }
 
 impl fmt::Display for ConfigError {
@@ -159,7 +159,7 @@ impl std::error::Error for ConfigError {}
 
 /// The value a setting takes when its variable is unset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum DefaultIs {
+enum DefaultIs {
     /// This text, read exactly as if the variable held it.
     Value(&'static str),
     /// No value: the feature is off.
@@ -173,7 +173,7 @@ type Refusal = String;
 
 /// One environment variable, defined once: parsing, `--help` and the README table all come from
 /// here. To add a setting, add an entry to [`SETTINGS`] (and its field to [`Config`]).
-pub(crate) struct Setting {
+struct Setting {
     pub(crate) name: &'static str,
     pub(crate) default: DefaultIs,
     /// One line for `--help` and the README.
@@ -283,7 +283,7 @@ fn flag(v: &str) -> Result<bool, Refusal> {
 
 /// Every setting, in the order of `--help` and the README. Defaults are written as values of
 /// the variable itself.
-pub(crate) const SETTINGS: &[Setting] = &[
+const SETTINGS: &[Setting] = &[
     Setting {
         name: "nats_host",
         default: DefaultIs::Value("127.0.0.1"),
@@ -898,7 +898,8 @@ impl Config {
     }
 
     /// The configuration with every default, as used by tests.
-    pub fn defaults() -> Config {
+    #[cfg(test)]
+    pub(crate) fn defaults() -> Config {
         Config::from_lookup(|_| None).expect("the defaults are valid")
     }
 
@@ -1054,8 +1055,9 @@ pub fn help() -> String {
     out
 }
 
-/// The README's settings table, in Markdown.
-pub fn markdown_table() -> String {
+/// The README's settings table, in Markdown (checked against the README by a test).
+#[cfg(test)]
+fn markdown_table() -> String {
     let mut out = String::from("| variable | default | meaning |\n|---|---|---|\n");
     for s in SETTINGS {
         let default = match s.default {
@@ -1068,12 +1070,12 @@ pub fn markdown_table() -> String {
 }
 
 /// Parses a Go duration (`300ms`, `1.5s`, `1m30s`, `0`); negative durations are refused.
-pub fn parse_duration(s: &str) -> Option<Duration> {
+pub(crate) fn parse_duration(s: &str) -> Option<Duration> {
     crate::duration::parse_go_duration(s.trim()).ok()
 }
 
 /// Go's `strconv.ParseBool`.
-pub fn parse_bool(s: &str) -> Option<bool> {
+fn parse_bool(s: &str) -> Option<bool> {
     match s {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
@@ -1082,7 +1084,7 @@ pub fn parse_bool(s: &str) -> Option<bool> {
 }
 
 /// A comma-separated list of HTTP status codes (100 to 599).
-pub fn parse_status_codes(s: &str) -> Option<Vec<u16>> {
+pub(crate) fn parse_status_codes(s: &str) -> Option<Vec<u16>> {
     let mut codes = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let code: u16 = part.parse().ok()?;

@@ -12,7 +12,7 @@ const MAX_NANOS: u128 = i64::MAX as u128;
 
 /// Why a text is not a duration.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DurationError {
+pub(crate) enum DurationError {
     Empty,
     Negative,
     /// A number without a unit, or a unit without a number.
@@ -50,7 +50,7 @@ fn unit_nanos(unit: &[u8]) -> Option<u128> {
 
 /// Parses a Go duration such as `300ms`, `-1.5h` or `2h45m`. A leading `-` is refused: the
 /// worker has no use for negative durations. `0` needs no unit.
-pub fn parse_go_duration(s: &str) -> Result<Duration, DurationError> {
+pub(crate) fn parse_go_duration(s: &str) -> Result<Duration, DurationError> {
     let b = s.as_bytes();
     let mut i = 0;
     match b.first() {

@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 
 /// What the probes report.
 #[derive(Default)]
-pub struct Health {
+pub(crate) struct Health {
     connected: AtomicBool,
     bound: AtomicBool,
     draining: AtomicBool,
@@ -31,24 +31,24 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn set_connected(&self, v: bool) {
+    pub(crate) fn set_connected(&self, v: bool) {
         self.connected.store(v, Ordering::SeqCst);
     }
 
-    pub fn set_bound(&self, v: bool) {
+    pub(crate) fn set_bound(&self, v: bool) {
         self.bound.store(v, Ordering::SeqCst);
     }
 
-    pub fn set_draining(&self) {
+    pub(crate) fn set_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
     }
 
-    pub fn set_broken(&self) {
+    pub(crate) fn set_broken(&self) {
         self.broken.store(true, Ordering::SeqCst);
     }
 
     /// Ready to take work, or the one-line reason why not.
-    pub fn ready(&self) -> Result<(), &'static str> {
+    pub(crate) fn ready(&self) -> Result<(), &'static str> {
         if self.draining.load(Ordering::SeqCst) {
             Err("draining: shutting down")
         } else if !self.connected.load(Ordering::SeqCst) {
@@ -60,32 +60,32 @@ impl Health {
         }
     }
 
-    pub fn alive(&self) -> bool {
+    pub(crate) fn alive(&self) -> bool {
         !self.broken.load(Ordering::SeqCst)
     }
 
-    pub fn draining(&self) -> bool {
+    pub(crate) fn draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
 
-    pub fn connected(&self) -> bool {
+    pub(crate) fn connected(&self) -> bool {
         self.connected.load(Ordering::SeqCst)
     }
 }
 
 /// Threads answering requests (rendering `/metrics` may wait for the server's counters).
-pub const ENDPOINT_THREADS: usize = 4;
+const ENDPOINT_THREADS: usize = 4;
 /// Connections whose request head is still being read; past it the oldest is dropped.
-pub const MAX_PENDING_CONNECTIONS: usize = 256;
+const MAX_PENDING_CONNECTIONS: usize = 256;
 /// Longest time a connection may take to send its request head, and to take the response.
-pub const ENDPOINT_IO_TIMEOUT: Duration = Duration::from_secs(5);
+const ENDPOINT_IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head read.
 const MAX_HEAD: usize = 8 * 1024;
 /// How often the reading thread looks at connections that sent part of a head.
 const POLL: Duration = Duration::from_millis(5);
 
 /// The running endpoint; [`Endpoint::stop`] ends its threads.
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -94,7 +94,7 @@ pub struct Endpoint {
 impl Endpoint {
     /// Stops accepting and joins the threads, waiting at most for responses being written
     /// (each bounded by [`ENDPOINT_IO_TIMEOUT`]).
-    pub fn stop(self) {
+    pub(crate) fn stop(self) {
         self.stop.store(true, Ordering::SeqCst);
         // A blocked accept takes this connection and then sees the flag.
         let target = match self.addr.ip() {
@@ -125,7 +125,7 @@ struct Job {
 /// Binds `address:port` (so a clash fails start-up) and starts one thread reading request
 /// heads and [`ENDPOINT_THREADS`] answering them: a fixed number of threads whatever the
 /// clients do. If a thread cannot start, the ones already started are stopped.
-pub fn spawn(
+pub(crate) fn spawn(
     address: IpAddr,
     port: u16,
     metrics: Arc<Metrics>,

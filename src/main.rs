@@ -55,8 +55,8 @@ fn run(config: Config) -> Result<(), Error> {
             std::process::exit(130);
         }
     })
-    .map_err(|e| Error::Fatal(format!("cannot handle signals: {e}")))?;
-    queue_worker::run(config, rx)
+    .map_err(|e| Error::Fatal(format!("cannot handle signals: {}", error_chain(&e))))?;
+    queue_worker::supervisor::run(config, rx)
 }
 
 fn fail(e: &Error) -> ExitCode {

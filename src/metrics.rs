@@ -15,48 +15,50 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+use crate::sync;
+
 /// The `reason` labels of `queue_worker_malformed_messages_total`.
-pub const MALFORMED_REASONS: &[&str] = &[
+const MALFORMED_REASONS: &[&str] = &[
     "json", "function", "body", "method", "path", "query", "panic",
 ];
 
 /// Distinct `function_name` values before further names are counted as `other`.
-pub const MAX_FUNCTION_LABELS: usize = 100;
-pub const OTHER_FUNCTION: &str = "other";
+const MAX_FUNCTION_LABELS: usize = 100;
+const OTHER_FUNCTION: &str = "other";
 
 /// How long queue counters read from the server are reused for further scrapes.
-pub const QUEUE_READ_CACHE: Duration = Duration::from_secs(1);
+const QUEUE_READ_CACHE: Duration = Duration::from_secs(1);
 
 /// The queue counters as the server reports them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct QueueCounters {
-    pub pending: u64,
-    pub ack_pending: u64,
+pub(crate) struct QueueCounters {
+    pub(crate) pending: u64,
+    pub(crate) ack_pending: u64,
     /// Messages that ever entered the stream (its last sequence).
-    pub submitted: u64,
+    pub(crate) submitted: u64,
     /// Pull requests the server refused so far (409 Exceeded MaxWaiting, ...).
-    pub refused_pulls: u64,
+    pub(crate) refused_pulls: u64,
 }
 
 /// Reads the queue counters from the server; `None` when it cannot now (then the gauges keep
 /// their last values).
-pub type QueueReader = Arc<dyn Fn() -> Option<QueueCounters> + Send + Sync>;
+pub(crate) type QueueReader = Arc<dyn Fn() -> Option<QueueCounters> + Send + Sync>;
 
 const DURATION_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
 /// Every metric the worker exports.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     queue: String,
-    pub pending: IntGauge,
-    pub ack_pending: IntGauge,
+    pub(crate) pending: IntGauge,
+    pub(crate) ack_pending: IntGauge,
     /// A gauge, as OpenFaaS documents it despite the name: the stream's last sequence.
-    pub submitted: IntGauge,
-    pub processed: IntCounter,
+    pub(crate) submitted: IntGauge,
+    pub(crate) processed: IntCounter,
     inflight: IntGaugeVec,
-    pub reconnects: IntCounter,
+    pub(crate) reconnects: IntCounter,
     refused_pulls: IntCounter,
     duration: HistogramVec,
     invocations: IntCounterVec,
@@ -65,8 +67,8 @@ pub struct Metrics {
     callbacks: IntCounterVec,
     malformed: IntCounterVec,
     dead_letters: IntCounterVec,
-    pub redelivered: IntCounter,
-    pub ready: IntGauge,
+    pub(crate) redelivered: IntCounter,
+    pub(crate) ready: IntGauge,
     functions: RwLock<HashSet<String>>,
     queue_reader: Mutex<Option<QueueReader>>,
     /// When the queue counters were last read; held while reading, so that concurrent scrapes
@@ -75,7 +77,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(queue_name: &str) -> Result<Metrics, prometheus::Error> {
+    pub(crate) fn new(queue_name: &str) -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let queue_label = &["queue_name"];
         let function_code = &["function_name", "code"];
@@ -227,14 +229,14 @@ impl Metrics {
     }
 
     /// The label for a (validated) function name: itself while under the cap, else `other`.
-    pub fn function_label<'a>(&self, name: &'a str) -> &'a str {
+    pub(crate) fn function_label<'a>(&self, name: &'a str) -> &'a str {
         // Every message asks, almost always for a name already known: read first.
-        let known = self.functions.read().unwrap_or_else(|p| p.into_inner());
+        let known = sync::read(&self.functions);
         if known.contains(name) {
             return name;
         }
         drop(known);
-        let mut known = self.functions.write().unwrap_or_else(|p| p.into_inner());
+        let mut known = sync::write(&self.functions);
         if known.contains(name) {
             return name;
         }
@@ -251,42 +253,42 @@ impl Metrics {
         label
     }
 
-    pub fn inflight(&self, function: &str) -> IntGauge {
+    pub(crate) fn inflight(&self, function: &str) -> IntGauge {
         self.inflight.with_label_values(&[&self.queue, function])
     }
 
-    pub fn observe_invocation(&self, function: &str, code: &str, seconds: f64) {
+    pub(crate) fn observe_invocation(&self, function: &str, code: &str, seconds: f64) {
         self.duration
             .with_label_values(&[function, code])
             .observe(seconds);
         self.invocations.with_label_values(&[function, code]).inc();
     }
 
-    pub fn retried(&self, function: &str) {
+    pub(crate) fn retried(&self, function: &str) {
         self.retries.with_label_values(&[function]).inc();
     }
 
-    pub fn gave_up(&self, function: &str) {
+    pub(crate) fn gave_up(&self, function: &str) {
         self.given_up.with_label_values(&[function]).inc();
     }
 
     /// A message terminated without an invocation; `reason` is one of [`MALFORMED_REASONS`].
-    pub fn malformed(&self, reason: &str) {
+    pub(crate) fn malformed(&self, reason: &str) {
         self.malformed.with_label_values(&[reason]).inc();
     }
 
-    pub fn dead_letter(&self, stored: bool) {
+    pub(crate) fn dead_letter(&self, stored: bool) {
         let result = if stored { "stored" } else { "failed" };
         self.dead_letters.with_label_values(&[result]).inc();
     }
 
-    pub fn callback(&self, ok: bool) {
+    pub(crate) fn callback(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.callbacks.with_label_values(&[result]).inc();
     }
 
     /// Sets the queue gauges from the server's counters.
-    pub fn observe_queue(&self, c: QueueCounters) {
+    fn observe_queue(&self, c: QueueCounters) {
         self.pending.set(c.pending as i64);
         self.ack_pending.set(c.ack_pending as i64);
         self.submitted.set(c.submitted as i64);
@@ -296,8 +298,8 @@ impl Metrics {
     }
 
     /// Where scrapes read the queue counters from (`None`: nowhere, the gauges stay).
-    pub fn set_queue_reader(&self, reader: Option<QueueReader>) {
-        *self.queue_reader.lock().unwrap_or_else(|p| p.into_inner()) = reader;
+    pub(crate) fn set_queue_reader(&self, reader: Option<QueueReader>) {
+        *sync::lock(&self.queue_reader) = reader;
     }
 
     /// Reads the queue counters unless they were read less than [`QUEUE_READ_CACHE`] ago.
@@ -312,11 +314,7 @@ impl Metrics {
         if last.is_some_and(|at| at.elapsed() < QUEUE_READ_CACHE) {
             return;
         }
-        let reader = self
-            .queue_reader
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let reader = sync::lock(&self.queue_reader).clone();
         if let Some(counters) = reader.and_then(|read| read()) {
             self.observe_queue(counters);
         }
@@ -324,7 +322,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric, with the queue gauges read now.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         self.refresh_queue();
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {

@@ -16,23 +16,23 @@ const BASE64: base64::engine::GeneralPurpose = base64::engine::general_purpose::
 
 /// An invocation taken off the queue, ready to be sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    pub function: String,
+pub(crate) struct Request {
+    pub(crate) function: String,
     /// The queued method, `POST` when it was empty.
-    pub method: String,
+    pub(crate) method: String,
     /// Path below the function, always starting with `/`.
-    pub path: String,
-    pub query: String,
+    pub(crate) path: String,
+    pub(crate) query: String,
     /// Queued headers in order, one entry per value.
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-    pub callback_url: Option<String>,
-    pub annotations: BTreeMap<String, String>,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Vec<u8>,
+    pub(crate) callback_url: Option<String>,
+    pub(crate) annotations: BTreeMap<String, String>,
 }
 
 /// Why a message is not a usable request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DecodeError {
+pub(crate) enum DecodeError {
     Json(String),
     NoFunction,
     BadFunction(String),
@@ -44,7 +44,7 @@ pub enum DecodeError {
 
 impl DecodeError {
     /// The `reason` label of `queue_worker_malformed_messages_total`.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             DecodeError::Json(_) => "json",
             DecodeError::NoFunction | DecodeError::BadFunction(_) => "function",
@@ -57,7 +57,7 @@ impl DecodeError {
 }
 
 /// Methods a queued request may use; anything else (CONNECT, TRACE, inventions) is refused.
-pub const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+pub(crate) const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 
 impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -74,14 +74,8 @@ impl fmt::Display for DecodeError {
     }
 }
 
-impl std::error::Error for DecodeError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            DecodeError::BadPath(e) | DecodeError::BadQuery(e) => Some(e),
-            _ => None,
-        }
-    }
-}
+/// `BadPath` and `BadQuery` are their [`UrlError`] (its `Display` is theirs), not a cause.
+impl std::error::Error for DecodeError {}
 
 #[derive(Deserialize, Serialize, Default)]
 #[serde(rename_all = "PascalCase")]
@@ -112,24 +106,24 @@ struct Wire {
 #[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct GoUrl {
-    pub scheme: String,
-    pub opaque: String,
+    pub(crate) scheme: String,
+    opaque: String,
     /// `*Userinfo` has no exported fields: Go writes `{}` or `null`, never the credentials.
-    pub user: Option<serde_json::Value>,
-    pub host: String,
-    pub path: String,
-    pub raw_path: String,
-    pub omit_host: bool,
-    pub force_query: bool,
-    pub raw_query: String,
-    pub fragment: String,
-    pub raw_fragment: String,
+    pub(crate) user: Option<serde_json::Value>,
+    pub(crate) host: String,
+    pub(crate) path: String,
+    raw_path: String,
+    omit_host: bool,
+    force_query: bool,
+    raw_query: String,
+    pub(crate) fragment: String,
+    raw_fragment: String,
 }
 
 impl GoUrl {
     /// Rebuilds the URL as Go's `URL.String()` does for the forms the gateway produces
     /// (Go drops the password of a user, so none is written).
-    pub fn to_url(&self) -> String {
+    fn to_url(&self) -> String {
         let mut out = String::new();
         if !self.scheme.is_empty() {
             out.push_str(&self.scheme);
@@ -217,7 +211,7 @@ impl GoUrl {
 }
 
 /// A function name usable in a URL and as a metric label: `name` or `name.namespace`.
-pub fn valid_function_name(name: &str) -> bool {
+pub(crate) fn valid_function_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
         && !name.starts_with(['.', '-'])
@@ -228,7 +222,7 @@ pub fn valid_function_name(name: &str) -> bool {
 
 impl Request {
     /// Decodes a queued message.
-    pub fn decode(data: &[u8]) -> Result<Request, DecodeError> {
+    pub(crate) fn decode(data: &[u8]) -> Result<Request, DecodeError> {
         let wire: Wire =
             serde_json::from_slice(data).map_err(|e| DecodeError::Json(e.to_string()))?;
         let function = wire.function.unwrap_or_default();
@@ -286,7 +280,7 @@ impl Request {
     }
 
     /// Encodes the request in the gateway's current layout.
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut header: BTreeMap<String, Option<Vec<String>>> = BTreeMap::new();
         for (name, value) in &self.headers {
             header
@@ -312,7 +306,7 @@ impl Request {
 
     /// `/function/{name}{path}` plus `?query` when there is one, the path escaped as Go's
     /// `url.URL.EscapedPath` does (the gateway queues it decoded).
-    pub fn invoke_path(&self) -> String {
+    pub(crate) fn invoke_path(&self) -> String {
         let mut p = String::with_capacity(10 + self.function.len() + self.path.len());
         p.push_str("/function/");
         p.push_str(&self.function);
@@ -325,7 +319,7 @@ impl Request {
     }
 
     /// The first value of a header, by case-insensitive name.
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
@@ -333,7 +327,7 @@ impl Request {
     }
 
     /// The `X-Call-Id` the gateway gave this invocation.
-    pub fn call_id(&self) -> Option<&str> {
+    pub(crate) fn call_id(&self) -> Option<&str> {
         self.header("X-Call-Id")
     }
 }
@@ -342,7 +336,8 @@ impl Request {
 mod tests {
     use super::*;
 
-    /// The gateway-produced samples in ../shared/openfaas/, embedded so the tests run anywhere.
+    /// Messages exactly as Go's encoding/json writes faas-provider's `QueueRequest` (current and
+    /// pre-2023 layouts), with what a worker must call for each; tests/data/README.md says more.
     const VECTORS: &str = include_str!("../tests/data/queue-requests.jsonl");
 
     #[derive(Deserialize)]

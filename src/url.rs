@@ -10,13 +10,13 @@ use std::fmt;
 
 /// Which part of a URL a text is escaped for (Go's `encodePath`, `encodeFragment`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     Path,
     Fragment,
 }
 
 /// Go's `shouldEscape` for paths and fragments.
-pub fn should_escape(c: u8, mode: Mode) -> bool {
+fn should_escape(c: u8, mode: Mode) -> bool {
     if c.is_ascii_alphanumeric() {
         return false;
     }
@@ -34,7 +34,7 @@ pub fn should_escape(c: u8, mode: Mode) -> bool {
 }
 
 /// Go's `escape(s, mode)`: every byte that should be escaped becomes `%XX`.
-pub fn escape_into(out: &mut String, s: &str, mode: Mode) {
+pub(crate) fn escape_into(out: &mut String, s: &str, mode: Mode) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for &b in s.as_bytes() {
         if should_escape(b, mode) {
@@ -47,7 +47,7 @@ pub fn escape_into(out: &mut String, s: &str, mode: Mode) {
     }
 }
 
-pub fn escape(s: &str, mode: Mode) -> String {
+pub(crate) fn escape(s: &str, mode: Mode) -> String {
     let mut out = String::with_capacity(s.len());
     escape_into(&mut out, s, mode);
     out
@@ -64,7 +64,7 @@ fn hex(c: u8) -> Option<u8> {
 
 /// Go's `unescape` for paths and fragments: `None` on a bad `%` escape or a result that is not
 /// UTF-8 (which a Rust string cannot hold).
-pub fn unescape(s: &str) -> Option<String> {
+pub(crate) fn unescape(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -130,7 +130,7 @@ fn valid_encoded_path(s: &str) -> bool {
 }
 
 /// Go's `URL.EscapedPath`: `raw` when it is a valid encoding of `path`, else `path` escaped.
-pub fn escaped_path_into(out: &mut String, path: &str, raw: &str) {
+pub(crate) fn escaped_path_into(out: &mut String, path: &str, raw: &str) {
     if !raw.is_empty() && valid_encoded_path(raw) && unescape(raw).as_deref() == Some(path) {
         out.push_str(raw);
     } else if path == "*" {
@@ -142,7 +142,7 @@ pub fn escaped_path_into(out: &mut String, path: &str, raw: &str) {
 
 /// Go's `setPath` / `setFragment`: the decoded text, and the original when re-escaping the
 /// decoded text would not give it back (else empty).
-pub fn decode_pair(escaped: &str, mode: Mode) -> Option<(String, String)> {
+pub(crate) fn decode_pair(escaped: &str, mode: Mode) -> Option<(String, String)> {
     let decoded = unescape(escaped)?;
     let raw = if escape(&decoded, mode) == escaped {
         String::new()
@@ -154,7 +154,7 @@ pub fn decode_pair(escaped: &str, mode: Mode) -> Option<(String, String)> {
 
 /// Why a queued `Path` or `QueryString` is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UrlError {
+pub(crate) enum UrlError {
     /// CR, LF or NUL (also `%0D`, `%0A`, `%00`).
     ControlInPath,
     /// `.`/`..` segments (also `%2e`, also with `\`) that would leave `/function/NAME/`.
@@ -184,7 +184,7 @@ const DECODE_ROUNDS: usize = 3;
 /// Checks a queued (decoded) `Path` as it would be read by the gateway and by any proxy that
 /// decodes escapes or treats `\` as `/`: none of these readings may climb out of the
 /// function's prefix, and none may hold CR, LF or NUL.
-pub fn check_path(path: &str) -> Result<(), UrlError> {
+pub(crate) fn check_path(path: &str) -> Result<(), UrlError> {
     let mut reading = path.as_bytes().to_vec();
     for round in 0..=DECODE_ROUNDS {
         if reading.iter().any(|c| matches!(c, b'\r' | b'\n' | 0)) {
@@ -223,7 +223,7 @@ fn climbs_out(path: &[u8]) -> bool {
 }
 
 /// A queued `QueryString` is sent as it is, but may not end the request line or cut it.
-pub fn check_query(query: &str) -> Result<(), UrlError> {
+pub(crate) fn check_query(query: &str) -> Result<(), UrlError> {
     if query.bytes().any(|c| matches!(c, b'\r' | b'\n' | 0 | b'#')) {
         return Err(UrlError::BadQuery);
     }
@@ -232,7 +232,7 @@ pub fn check_query(query: &str) -> Result<(), UrlError> {
 
 /// A URL for a log line: user information replaced by `***`, query and fragment left out
 /// when `keep_query` is false (they may hold tokens).
-pub fn redact(url: &str, keep_query: bool) -> String {
+pub(crate) fn redact(url: &str, keep_query: bool) -> String {
     let (before, after) = match url.split_once("://") {
         Some((scheme, rest)) => (format!("{scheme}://"), rest),
         None => (String::new(), url),
@@ -262,7 +262,7 @@ pub(crate) fn has_userinfo(url: &str) -> bool {
 }
 
 /// Several comma-separated URLs, each redacted (query kept).
-pub fn redact_list(urls: &[String]) -> String {
+pub(crate) fn redact_list(urls: &[String]) -> String {
     urls.iter()
         .map(|u| redact(u, true))
         .collect::<Vec<_>>()

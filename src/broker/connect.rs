@@ -129,7 +129,7 @@ impl Broker {
                 Ok(broker) => return Ok(broker),
                 Err(e @ BrokerError::Refused { .. }) => return Err(e),
                 Err(e) => {
-                    log::warn!("{e}; retrying in {delay:?}");
+                    log::warn!("{}; retrying in {delay:?}", crate::error_chain(&e));
                     if wait(delay) {
                         return Err(BrokerError::Interrupted);
                     }

@@ -20,7 +20,7 @@
 //! [`Broker`]; nothing uses `connect.rs`. Every file takes the error type and [`QueueSpec`]
 //! from this one, which holds the [`Broker`] handle and passes each call to the file of its job.
 //!
-//! The blocking `nats` crate has sharp edges this module steers around: no `fetch()` (without
+//! The blocking `nats` crate (0.26, deprecated) has sharp edges this module steers around: no `fetch()` (without
 //! `expires` it can block forever), an explicit flush after every pull request (the client
 //! otherwise holds it up to 5 ms), no random delay before the first connect, unlimited
 //! reconnects, and status replies (404, 408, 409) that arrive as messages without a reply
@@ -29,14 +29,18 @@
 //! only ask the flusher thread to flush, and [`Broker::shutdown`] runs the last flush and the
 //! close on helper threads it stops waiting for at its deadline.
 //!
-//! Swapping the client library means rewriting these files, and also the code outside `src/`
-//! that uses the `nats` crate directly: the test fixtures `tests/support/nats.rs` (server
-//! fixture, publishing and reading messages, stream and consumer checks), `tests/support/mod.rs`
-//! (re-exports it) and `tests/support/cluster.rs` (a three-node cluster); the integration tests
-//! that call the crate through them or directly (`tests/core.rs`, `tests/chaos.rs`,
-//! `tests/hostile.rs`, `tests/dropin.rs`, `tests/observability.rs`, `tests/retries.rs`,
-//! `tests/faults.rs`, `tests/auth.rs`); and the benchmark's NATS ceiling, `scripts/bench/ceiling.rs`
-//! (fill, consume, delete-stream). Nothing else in `src/` names the crate.
+//! Swapping the client library means rewriting these files, and more outside `src/`, which
+//! uses the `nats` crate directly (nothing else in `src/` names it):
+//! - `tests/support/nats.rs`: the server fixture's client side (`connect`, `jetstream`,
+//!   publishing, reading streams and consumers), whose `nats::Connection` and
+//!   `nats::jetstream` types every integration test that calls it then holds (`faults.rs`
+//!   among them);
+//! - `tests/support/cluster.rs`: the three-node cluster fixture (consumer leader step-down);
+//! - the chaos suite, `tests/chaos.rs` (run by `scripts/chaos.sh`), with connections of its own;
+//! - tests that build streams and consumers with the crate's config types: `tests/core.rs`,
+//!   `tests/dropin.rs`, `tests/hostile.rs`, `tests/observability.rs`, `tests/retries.rs`;
+//! - the benchmark's NATS ceiling, `scripts/bench/ceiling.rs` (fill, consume, delete-stream),
+//!   which pulls, acks and publishes with the crate as the worker does.
 
 #![allow(deprecated)]
 
@@ -66,8 +70,6 @@ pub use pull::Puller;
 
 /// How long [`Broker::shutdown`] waits for the client's close before leaving it behind.
 const CLOSE_WAIT: Duration = Duration::from_millis(500);
-/// How long a JetStream API request made here waits for its answer (the crate's own wait).
-const API_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A connection to NATS with JetStream: made by [`Broker::connect`] or [`Broker::connect_once`].
 pub struct Broker {
@@ -102,14 +104,12 @@ pub enum BrokerError {
 impl fmt::Display for BrokerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BrokerError::Connect { urls, source } => {
-                write!(f, "cannot connect to NATS at {urls}: {source}")
-            }
+            BrokerError::Connect { urls, .. } => write!(f, "cannot connect to NATS at {urls}"),
             BrokerError::Refused { urls, why } => {
                 write!(f, "server {urls} refused the connection: {why}")
             }
             BrokerError::Interrupted => write!(f, "interrupted while connecting to NATS"),
-            BrokerError::Api { step, source } => write!(f, "{step}: {source}"),
+            BrokerError::Api { step, .. } => write!(f, "{step}"),
             BrokerError::Closed => write!(f, "the NATS connection is closed"),
             BrokerError::Publish(why) => write!(f, "publish failed: {why}"),
             BrokerError::NoJetStream => write!(
@@ -131,15 +131,7 @@ impl std::error::Error for BrokerError {
     }
 }
 
-/// A JetStream API request that nobody answered: the server runs without JetStream.
-fn no_jetstream(e: io::Error) -> Result<BrokerError, io::Error> {
-    if e.kind() == io::ErrorKind::NotFound || e.to_string().contains("no responders") {
-        Ok(BrokerError::NoJetStream)
-    } else {
-        Err(e)
-    }
-}
-
+/// Names the step of a failed call in its error.
 fn api(step: impl Into<String>) -> impl FnOnce(io::Error) -> BrokerError {
     let step = step.into();
     move |source| BrokerError::Api { step, source }

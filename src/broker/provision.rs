@@ -10,7 +10,19 @@ use nats::jetstream::{
     RetentionPolicy, StorageType, StreamConfig, StreamInfo,
 };
 
-use super::{api, no_jetstream, BrokerError, QueueSpec, API_TIMEOUT};
+use super::{api, BrokerError, QueueSpec};
+
+/// How long a JetStream API request made here waits for its answer (the crate's own wait).
+const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A JetStream API request that nobody answered: the server runs without JetStream.
+fn no_jetstream(e: io::Error) -> Result<BrokerError, io::Error> {
+    if e.kind() == io::ErrorKind::NotFound || e.to_string().contains("no responders") {
+        Ok(BrokerError::NoJetStream)
+    } else {
+        Err(e)
+    }
+}
 
 /// What the worker found (or made) on the server.
 #[derive(Debug, Clone)]

@@ -24,6 +24,7 @@ use nats::jetstream::AckKind;
 use super::ack::{parse_ack_subject, AckHandle, AckLedger, Delivery};
 use super::flush::FlushRequester;
 use super::{api, status_of, BrokerError, QueueSpec};
+use crate::sync::lock;
 
 /// How long a pull request waits at the server for a message before it expires.
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
@@ -69,7 +70,7 @@ impl Pullers {
         spec: &QueueSpec,
     ) -> Result<Puller, BrokerError> {
         let (wake_tx, wake) = crossbeam_channel::bounded(1);
-        let mut wakes = self.wakes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut wakes = lock(&self.wakes);
         let index = wakes.len();
         let base = format!("{}.{index}", self.inbox);
         let prefix = format!("{base}.0");
@@ -94,7 +95,7 @@ impl Pullers {
             ledger: self.ledger.clone(),
             refused: None,
             pull_subject: format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", spec.stream, spec.durable),
-            ack_next: [b"+NXT ".as_slice(), &request].concat(),
+            ack_next_body: [b"+NXT ".as_slice(), &request].concat(),
             inbox_len: prefix.len() + 1,
             reply: format!("{prefix}."),
             request,
@@ -112,7 +113,7 @@ impl Pullers {
 
     /// Wakes every idle puller at once. Local: never waits, whatever the connection does.
     pub(super) fn wake_all(&self) {
-        let wakes = self.wakes.lock().unwrap_or_else(|p| p.into_inner());
+        let wakes = lock(&self.wakes);
         for wake in wakes.iter() {
             // A full channel already holds a wake-up.
             let _ = wake.try_send(());
@@ -132,7 +133,7 @@ struct Refusals {
 
 impl Refusals {
     fn enter(&self, what: &str) {
-        let mut map = self.now.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.now);
         let count = map.entry(what.to_string()).or_insert(0);
         *count += 1;
         if *count == 1 {
@@ -143,7 +144,7 @@ impl Refusals {
     }
 
     fn leave(&self, what: &str) {
-        let mut map = self.now.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.now);
         if let Some(count) = map.get_mut(what) {
             *count -= 1;
             if *count == 0 {
@@ -176,7 +177,7 @@ pub struct Puller {
     pull_subject: String,
     request: Vec<u8>,
     /// `+NXT` and the pull request: acks one message and asks for the next.
-    ack_next: Vec<u8>,
+    ack_next_body: Vec<u8>,
     seq: u64,
     /// The pull request in flight (0 while pausing) and when to give up on it.
     current: Option<(u64, Instant)>,
@@ -306,7 +307,7 @@ impl Puller {
     /// (`+NXT`): the server handles one operation instead of an ack and a pull request, and
     /// [`Puller::next`] then waits for the message it asked for. An error means the ack was
     /// not sent either, so the message will be redelivered.
-    pub(crate) fn ack_next(&mut self, ack: &AckHandle) -> io::Result<()> {
+    pub(crate) fn ack_and_request_next(&mut self, ack: &AckHandle) -> io::Result<()> {
         let Some(subject) = ack.ack_subject() else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -328,7 +329,7 @@ impl Puller {
         self.reply.truncate(self.inbox_len);
         write!(self.reply, "{}", self.seq).expect("writing to a String");
         let (subject, body) = match ack_subject {
-            Some(subject) => (subject, &self.ack_next),
+            Some(subject) => (subject, &self.ack_next_body),
             None => (self.pull_subject.as_str(), &self.request),
         };
         self.nc

@@ -1,0 +1,108 @@
+//! The monitor thread, which re-creates a lost stream or consumer and wakes the pullers after a
+//! reconnect, and the reader of the queue gauges at scrape time.
+
+use std::io;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+
+use crate::broker::{Broker, QueueSpec};
+use crate::endpoint::Health;
+use crate::error::error_chain;
+use crate::metrics;
+
+/// How often the monitor checks that the stream and consumer still exist.
+const MONITOR_EVERY: Duration = Duration::from_secs(5);
+
+/// Starts the monitor thread; it ends when `stop` receives.
+pub(crate) fn spawn(
+    broker: &Arc<Broker>,
+    spec: &QueueSpec,
+    health: &Arc<Health>,
+    stop: Receiver<()>,
+    reconnected: Receiver<()>,
+) -> io::Result<JoinHandle<()>> {
+    let (broker, health, spec) = (broker.clone(), health.clone(), spec.clone());
+    thread::Builder::new()
+        .name("monitor".into())
+        .stack_size(256 * 1024)
+        .spawn(move || run(&broker, &spec, &health, &stop, &reconnected))
+}
+
+/// Reads the queue gauges for a scrape: from the server while connected, else nothing (the
+/// gauges keep their last values rather than make the scrape wait for an absent server).
+pub(crate) fn queue_reader(
+    broker: &Arc<Broker>,
+    spec: &QueueSpec,
+    health: &Arc<Health>,
+) -> metrics::QueueReader {
+    let (broker, health) = (broker.clone(), health.clone());
+    let (stream, durable) = (spec.stream.clone(), spec.durable.clone());
+    Arc::new(move || {
+        if !health.connected() {
+            return None;
+        }
+        match broker.queue_state(&stream, &durable) {
+            Ok(s) => Some(metrics::QueueCounters {
+                pending: s.pending,
+                ack_pending: s.ack_pending,
+                submitted: s.last_seq,
+                refused_pulls: broker.refused_pulls(),
+            }),
+            Err(e) => {
+                log::debug!(
+                    "reading the queue state for /metrics failed: {}",
+                    error_chain(&e)
+                );
+                None
+            }
+        }
+    })
+}
+
+/// Re-creates a lost stream or consumer (checked every few seconds), and wakes the pullers
+/// after a reconnect so they pull again at once. The queue gauges are read at scrape time.
+fn run(
+    broker: &Broker,
+    spec: &QueueSpec,
+    health: &Health,
+    stop: &Receiver<()>,
+    reconnected: &Receiver<()>,
+) {
+    let mut healthy = true;
+    loop {
+        crossbeam_channel::select! {
+            recv(stop) -> _ => return,
+            recv(reconnected) -> _ => broker.wake_pullers(),
+            default(MONITOR_EVERY) => {}
+        }
+        if !health.connected() {
+            continue;
+        }
+        match broker.consumer_exists(&spec.stream, &spec.durable) {
+            Ok(true) => healthy = true,
+            Ok(false) => {
+                health.set_bound(false);
+                match broker.provision(spec) {
+                    Ok(_) => {
+                        log::warn!("the stream or consumer was gone and has been re-created");
+                        health.set_bound(true);
+                        broker.wake_pullers();
+                    }
+                    Err(e) => log::warn!(
+                        "re-creating the stream or consumer failed: {}",
+                        error_chain(&e)
+                    ),
+                }
+            }
+            Err(e) => {
+                if healthy {
+                    log::warn!("reading the consumer failed: {}", error_chain(&e));
+                }
+                healthy = false;
+            }
+        }
+    }
+}
