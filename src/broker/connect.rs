@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::ack::AckLedger;
 use super::flush::Flusher;
 use super::provision::Streams;
-use super::pull::Pullers;
+use super::pull::{Pullers, Wakes};
 use super::{Access, Broker, BrokerError, ConnectionEvents, NatsAuth};
 
 /// How often a connection attempt in progress looks for a shutdown request.
@@ -201,6 +201,7 @@ impl Broker {
         // Errors and logs name the servers without their credentials.
         let shown = crate::url::redact_list(access.urls);
         let generation = Arc::new(AtomicU64::new(0));
+        let wakes = Arc::new(Wakes::default());
         let mut options = options(access).map_err(|why| BrokerError::Refused {
             urls: shown.clone(),
             why,
@@ -223,11 +224,17 @@ impl Broker {
                 .disconnect_callback(on(&gate, |e| e.disconnected()))
                 .reconnect_callback({
                     let reconnected = on(&gate, |e| e.reconnected());
+                    let wakes = wakes.clone();
                     move || {
-                        if gen_gate.load(Ordering::SeqCst) {
+                        let ours = gen_gate.load(Ordering::SeqCst);
+                        if ours {
                             gen.fetch_add(1, Ordering::SeqCst);
                         }
-                        reconnected()
+                        reconnected();
+                        if ours {
+                            // Idle pullers pull again at once, on a fresh inbox.
+                            wakes.wake_all();
+                        }
                     }
                 })
                 .close_callback(on(&gate, |e| e.closed()));
@@ -253,7 +260,7 @@ impl Broker {
         })?;
         Ok(Broker {
             streams: Streams::new(&nc),
-            pullers: Pullers::new(nc.new_inbox(), ledger.clone(), generation),
+            pullers: Pullers::new(nc.new_inbox(), wakes, ledger.clone(), generation),
             flusher,
             nc,
             ledger,

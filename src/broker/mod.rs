@@ -14,11 +14,14 @@
 //!   letters), with the header checks.
 //! - `flush.rs`: the flusher thread, and waits on the client with deadlines of their own.
 //!
-//! Dependencies run one way: `ack.rs` and `provision.rs` use no other job file; `flush.rs`
-//! uses `ack.rs` (a flush confirms the acks written before it); `pull.rs` uses `ack.rs` and
-//! `flush.rs`; `publish.rs` uses `flush.rs`; `connect.rs` uses all of them to build the
-//! [`Broker`]; nothing uses `connect.rs`. Every file takes the error type and [`QueueSpec`]
-//! from this one, which holds the [`Broker`] handle and passes each call to the file of its job.
+//! Dependencies among the job files run one way: `ack.rs` and `provision.rs` use no other;
+//! `flush.rs` uses `ack.rs` (a flush confirms the acks written before it); `pull.rs` uses
+//! `ack.rs` and `flush.rs`; `publish.rs` uses `flush.rs`; `connect.rs` uses all but
+//! `publish.rs` to assemble the [`Broker`]; none uses `connect.rs`. Pullers and publishes get
+//! the connection and a flush requester handed in, never the [`Broker`]. Each file takes
+//! the shared vocabulary from this one (the error type, [`QueueSpec`], [`Access`], the `api`
+//! and `status_of` helpers), and this one holds the [`Broker`] handle, whose methods each pass
+//! the call to the file of its job.
 //!
 //! The blocking `nats` crate (0.26, deprecated) has sharp edges this module steers around: no `fetch()` (without
 //! `expires` it can block forever), an explicit flush after every pull request (the client
@@ -256,8 +259,9 @@ impl Broker {
         self.pullers.refused_total()
     }
 
-    /// Wakes every idle puller at once, so that it sees shutdown or re-pulls after a reconnect.
-    /// Local: never waits, whatever the connection does.
+    /// Wakes every idle puller at once, so that it sees the stop flag passed to
+    /// [`Puller::next`] or pulls again from a re-created consumer. (After a reconnect the
+    /// connection wakes them itself.) Local: never waits, whatever the connection does.
     pub(crate) fn wake_pullers(&self) {
         self.pullers.wake_all();
     }

@@ -34,12 +34,27 @@ const PULL_MARGIN: Duration = Duration::from_secs(2);
 /// waiting pulls, ...) or could not be sent.
 const PULL_PAUSE: Duration = Duration::from_secs(1);
 
+/// One wake-up channel per puller, in puller order. Waking is local: it never waits, whatever
+/// the connection does.
+#[derive(Default)]
+pub(super) struct Wakes(Mutex<Vec<Sender<()>>>);
+
+impl Wakes {
+    /// Wakes every idle puller at once.
+    pub(super) fn wake_all(&self) {
+        for wake in lock(&self.0).iter() {
+            // A full channel already holds a wake-up.
+            let _ = wake.try_send(());
+        }
+    }
+}
+
 /// What the pullers of one connection share, and how new ones are made.
 pub(super) struct Pullers {
     /// The connection's inbox prefix: puller `i` answers on `<inbox>.<i>.<g>.*`.
     inbox: String,
-    /// One wake-up channel per puller, in puller order.
-    wakes: Mutex<Vec<Sender<()>>>,
+    /// Also woken by the connection itself after a reconnect.
+    wakes: Arc<Wakes>,
     /// Refused pull requests, shared by the pullers so that each condition is logged once.
     refusals: Arc<Refusals>,
     ledger: Arc<AckLedger>,
@@ -50,12 +65,13 @@ pub(super) struct Pullers {
 impl Pullers {
     pub(super) fn new(
         inbox: String,
+        wakes: Arc<Wakes>,
         ledger: Arc<AckLedger>,
         generation: Arc<AtomicU64>,
     ) -> Pullers {
         Pullers {
             inbox,
-            wakes: Mutex::new(Vec::new()),
+            wakes,
             refusals: Arc::new(Refusals::default()),
             ledger,
             generation,
@@ -70,15 +86,18 @@ impl Pullers {
         spec: &QueueSpec,
     ) -> Result<Puller, BrokerError> {
         let (wake_tx, wake) = crossbeam_channel::bounded(1);
-        let mut wakes = lock(&self.wakes);
-        let index = wakes.len();
+        // The index is taken with the lock, the subscription made without it: the client's
+        // reconnect callback wakes the pullers, and must not wait for a subscribe.
+        let index = {
+            let mut wakes = lock(&self.wakes.0);
+            wakes.push(wake_tx);
+            wakes.len() - 1
+        };
         let base = format!("{}.{index}", self.inbox);
         let prefix = format!("{base}.0");
         let sub = nc
             .subscribe(&format!("{prefix}.*"))
             .map_err(api("subscribing a puller inbox"))?;
-        wakes.push(wake_tx);
-        drop(wakes);
         let request = serde_json::to_vec(&serde_json::json!({
             "batch": 1,
             "expires": PULL_EXPIRES.as_nanos() as u64,
@@ -111,13 +130,9 @@ impl Pullers {
         self.refusals.total.load(Ordering::Relaxed)
     }
 
-    /// Wakes every idle puller at once. Local: never waits, whatever the connection does.
+    /// Wakes every idle puller at once.
     pub(super) fn wake_all(&self) {
-        let wakes = lock(&self.wakes);
-        for wake in wakes.iter() {
-            // A full channel already holds a wake-up.
-            let _ = wake.try_send(());
-        }
+        self.wakes.wake_all();
     }
 }
 
