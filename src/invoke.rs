@@ -1,14 +1,15 @@
 //! Calling functions and callbacks over HTTP with `ureq`.
 //!
 //! [`Invoker::invoke`] sends one request to `{gateway_url}/function/{name}{path}?{query}` and
-//! returns an [`Outcome`]; the worker turns the outcome into an ack.
+//! returns what happened, a [`CallResult`]; [`crate::retry::decide`] turns that into an ack, a
+//! retry or giving up, and the worker carries it out.
 
 use std::io::Read as _;
 use std::net::{SocketAddr, ToSocketAddrs as _};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use ureq::http;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
@@ -20,12 +21,11 @@ use ureq::unversioned::transport::{
 
 use crate::config::Config;
 use crate::request::Request;
-use crate::retry::{parse_retry_after, RetryPolicy};
 
-pub const USER_AGENT: &str = concat!("queue-worker/", env!("CARGO_PKG_VERSION"));
+pub(crate) const USER_AGENT: &str = concat!("queue-worker/", env!("CARGO_PKG_VERSION"));
 
 /// The status reported when the function could not be reached or timed out.
-pub const UNREACHABLE_STATUS: u16 = 503;
+pub(crate) const UNREACHABLE_STATUS: u16 = 503;
 
 /// Headers that describe one connection, never forwarded (RFC 9110 section 7.6.1).
 const HOP_BY_HOP: &[&str] = &[
@@ -40,42 +40,130 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
-/// What one attempt produced: the function's response, or why there is none.
+/// What one call of a function produced: facts only. [`crate::retry::decide`] judges them.
 #[derive(Debug, Clone)]
-pub struct Reply {
-    /// The function's status, or [`UNREACHABLE_STATUS`] when `error` is set.
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-    /// Transport failure (refused, reset, timed out, response too large).
-    pub error: Option<String>,
-    pub duration: Duration,
+pub(crate) enum CallResult {
+    /// The function (or the gateway in front of it) answered, and the whole response was read.
+    Answered(Response),
+    /// There is no usable response.
+    Failed(Failure),
 }
 
-impl Reply {
-    /// No response: why, and how long the attempt took.
-    pub fn failed(error: String, duration: Duration) -> Reply {
-        Reply {
-            status: UNREACHABLE_STATUS,
-            headers: Vec::new(),
-            body: Vec::new(),
-            error: Some(error),
-            duration,
+/// A function's response.
+#[derive(Debug, Clone)]
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Vec<u8>,
+    pub(crate) duration: Duration,
+}
+
+/// Why an attempt has no usable response.
+#[derive(Debug, Clone)]
+pub(crate) struct Failure {
+    pub(crate) kind: FailureKind,
+    /// What went wrong, for the log, the callback and the dead letter.
+    pub(crate) error: String,
+    /// Whether any of the request may have been sent, so that the function may have run.
+    /// `false` only when certainly nothing was.
+    pub(crate) sent: bool,
+    pub(crate) duration: Duration,
+}
+
+/// What kind of failure: what another attempt could change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FailureKind {
+    /// The request cannot be sent as queued: its line and headers are over
+    /// `max_request_header_bytes`, or the HTTP library refuses a header. Nothing was sent.
+    Unsendable,
+    /// The function answered with more than the worker takes: a head over [`MAX_HEAD`] or a
+    /// body over `max_response_bytes`.
+    TooLarge,
+    /// Connecting, sending or receiving failed or timed out.
+    Transport,
+    /// The function was not called: every attempt was spent on earlier deliveries.
+    NotCalled,
+}
+
+impl Failure {
+    fn new(kind: FailureKind, error: String, sent: bool, started: Instant) -> Failure {
+        Failure {
+            kind,
+            error,
+            sent,
+            duration: started.elapsed(),
         }
     }
 
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+    /// The stand-in result of a delivery whose attempts were all spent before.
+    pub(crate) fn not_called() -> Failure {
+        Failure {
+            kind: FailureKind::NotCalled,
+            error: "no attempts left".into(),
+            sent: false,
+            duration: Duration::ZERO,
+        }
+    }
+}
+
+impl Response {
+    /// The first value of a header, by case-insensitive name.
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        header(&self.headers, name)
+    }
+}
+
+/// The first value of header `name` (case-insensitive) in a list of headers.
+pub(crate) fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+impl CallResult {
+    /// The function's status, or [`UNREACHABLE_STATUS`] when there is no response.
+    pub(crate) fn status(&self) -> u16 {
+        match self {
+            CallResult::Answered(r) => r.status,
+            CallResult::Failed(_) => UNREACHABLE_STATUS,
+        }
+    }
+
+    pub(crate) fn headers(&self) -> &[(String, String)] {
+        match self {
+            CallResult::Answered(r) => &r.headers,
+            CallResult::Failed(_) => &[],
+        }
+    }
+
+    pub(crate) fn body(&self) -> &[u8] {
+        match self {
+            CallResult::Answered(r) => &r.body,
+            CallResult::Failed(_) => &[],
+        }
+    }
+
+    pub(crate) fn duration(&self) -> Duration {
+        match self {
+            CallResult::Answered(r) => r.duration,
+            CallResult::Failed(f) => f.duration,
+        }
+    }
+
+    /// Why there is no response.
+    pub(crate) fn error(&self) -> Option<&str> {
+        match self {
+            CallResult::Answered(_) => None,
+            CallResult::Failed(f) => Some(&f.error),
+        }
     }
 
     /// The metric label of the result: the status, or `error`.
-    pub fn code_label(&self) -> String {
-        match self.error {
-            Some(_) => "error".to_string(),
-            None => self.status.to_string(),
+    pub(crate) fn code_label(&self) -> String {
+        match self {
+            CallResult::Answered(r) => r.status.to_string(),
+            CallResult::Failed(_) => "error".to_string(),
         }
     }
 }
@@ -108,7 +196,7 @@ const DNS_MAX_LOOKUPS: usize = 64;
 /// no message can grow memory. A lookup runs on a short-lived thread that the call waits for
 /// no longer than its timeout; at most [`DNS_MAX_LOOKUPS`] run at once.
 #[derive(Debug, Default, Clone)]
-pub struct CachingResolver {
+pub(crate) struct CachingResolver {
     /// `host:port` of the gateway, the one name that is cached.
     gateway: Option<String>,
     cache: Arc<Mutex<Option<(Instant, ResolvedSocketAddrs)>>>,
@@ -117,7 +205,7 @@ pub struct CachingResolver {
 
 impl CachingResolver {
     /// A resolver that caches `gateway_url`'s host only.
-    pub fn for_gateway(gateway_url: &str) -> CachingResolver {
+    pub(crate) fn for_gateway(gateway_url: &str) -> CachingResolver {
         let gateway = gateway_url
             .parse::<http::Uri>()
             .ok()
@@ -165,8 +253,14 @@ impl CachingResolver {
     }
 
     /// Entries held in the cache (0 or 1).
-    pub fn cached(&self) -> usize {
-        usize::from(self.cache.lock().map(|c| c.is_some()).unwrap_or(false))
+    #[cfg(test)]
+    fn cached(&self) -> usize {
+        usize::from(self.cache().is_some())
+    }
+
+    /// The cache slot; a panic elsewhere while it was held leaves a usable value.
+    fn cache(&self) -> MutexGuard<'_, Option<(Instant, ResolvedSocketAddrs)>> {
+        crate::sync::lock(&self.cache)
     }
 }
 
@@ -185,8 +279,7 @@ impl Resolver for CachingResolver {
         let is_gateway = self.gateway.as_deref() == Some(key.as_str());
         let now = Instant::now();
         if is_gateway {
-            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((at, addrs)) = cache.as_ref() {
+            if let Some((at, addrs)) = self.cache().as_ref() {
                 if now.duration_since(*at) < DNS_TTL {
                     return Ok(addrs.clone());
                 }
@@ -208,8 +301,7 @@ impl Resolver for CachingResolver {
             return Err(ureq::Error::HostNotFound);
         }
         if is_gateway {
-            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            *cache = Some((now, addrs.clone()));
+            *self.cache() = Some((now, addrs.clone()));
         }
         Ok(addrs)
     }
@@ -220,14 +312,14 @@ impl Resolver for CachingResolver {
 ///
 /// Two costs of the default chain are avoided on the plain path, where every invocation runs:
 /// its connect frame (proxy, SOCKS and TLS steps inlined, 12 KB) stayed resident on each
-/// worker's stack, and the transport it returns is wrapped in [`Lean`].
+/// worker's stack, and the transport it returns is wrapped in [`FewerSyscalls`].
 #[derive(Debug, Default)]
-struct LeanConnector {
+struct PlainHttpConnector {
     tcp: TcpConnector,
     full: DefaultConnector,
 }
 
-impl Connector<()> for LeanConnector {
+impl Connector<()> for PlainHttpConnector {
     type Out = Box<dyn Transport>;
 
     fn connect(
@@ -241,7 +333,7 @@ impl Connector<()> for LeanConnector {
             return self.full.connect(details, chained);
         }
         Ok(self.tcp.connect(details, chained)?.map(|t| match t {
-            Either::B(tcp) => Box::new(Lean::new(tcp)) as Box<dyn Transport>,
+            Either::B(tcp) => Box::new(FewerSyscalls::new(tcp)) as Box<dyn Transport>,
             Either::A(()) => {
                 unreachable!("TcpConnector without a chained transport opens a socket")
             }
@@ -260,19 +352,23 @@ const TIMEOUT_STEP: Duration = Duration::from_millis(50);
 ///   a `setsockopt` each. The remaining time is rounded up to [`TIMEOUT_STEP`], so a call
 ///   keeps one value and a timeout fires at most that much late.
 #[derive(Debug)]
-struct Lean<T> {
+struct FewerSyscalls<T> {
     inner: T,
     /// Set by I/O, cleared by the next probe.
-    used: bool,
+    used_since_probe: bool,
 }
 
-impl<T> Lean<T> {
-    fn new(inner: T) -> Lean<T> {
-        Lean { inner, used: false }
+impl<T> FewerSyscalls<T> {
+    fn new(inner: T) -> FewerSyscalls<T> {
+        FewerSyscalls {
+            inner,
+            used_since_probe: false,
+        }
     }
 }
 
-fn stepped(mut timeout: NextTimeout) -> NextTimeout {
+/// `timeout` rounded up to a whole [`TIMEOUT_STEP`].
+fn round_up_timeout(mut timeout: NextTimeout) -> NextTimeout {
     if let IoDuration::Exact(d) = timeout.after {
         let step = TIMEOUT_STEP.as_nanos();
         let rounded = d.as_nanos().div_ceil(step) * step;
@@ -283,23 +379,24 @@ fn stepped(mut timeout: NextTimeout) -> NextTimeout {
     timeout
 }
 
-impl<T: Transport> Transport for Lean<T> {
+impl<T: Transport> Transport for FewerSyscalls<T> {
     fn buffers(&mut self) -> &mut dyn Buffers {
         self.inner.buffers()
     }
 
     fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
-        self.used = true;
-        self.inner.transmit_output(amount, stepped(timeout))
+        self.used_since_probe = true;
+        self.inner
+            .transmit_output(amount, round_up_timeout(timeout))
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
-        self.used = true;
-        self.inner.await_input(stepped(timeout))
+        self.used_since_probe = true;
+        self.inner.await_input(round_up_timeout(timeout))
     }
 
     fn is_open(&mut self) -> bool {
-        if std::mem::take(&mut self.used) {
+        if std::mem::take(&mut self.used_since_probe) {
             return true;
         }
         self.inner.is_open()
@@ -310,42 +407,16 @@ impl<T: Transport> Transport for Lean<T> {
     }
 }
 
-/// How an attempt ends, which decides the ack.
-#[derive(Debug, Clone)]
-pub enum Outcome {
-    /// The function answered with a status that ends the message (success, or a status that
-    /// is not retried): callback, then ack.
-    Done(Reply),
-    /// Worth another attempt (a listed status, an OpenFaaS-internal 5xx, a transport failure):
-    /// retry later, or give up when the attempts are spent.
-    Retry {
-        reply: Reply,
-        /// From `Retry-After` on a 429 or 503.
-        retry_after: Option<Duration>,
-    },
-    /// Failed in a way another attempt cannot fix (the response was larger than allowed):
-    /// callback, then ack.
-    Permanent(Reply),
-}
-
-impl Outcome {
-    pub fn reply(&self) -> &Reply {
-        match self {
-            Outcome::Done(r) | Outcome::Permanent(r) | Outcome::Retry { reply: r, .. } => r,
-        }
-    }
-}
-
 /// The result of a callback.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CallbackResult {
-    Delivered(u16),
+pub(crate) enum CallbackResult {
+    Delivered,
     Failed(String),
 }
 
 /// Sends invocations and callbacks for one worker thread. Each thread has its own, so its
 /// connection pool holds one connection and needs no lock or search.
-pub struct Invoker {
+pub(crate) struct Invoker {
     agent: ureq::Agent,
     callback_agent: ureq::Agent,
     gateway_url: String,
@@ -355,15 +426,15 @@ pub struct Invoker {
 }
 
 /// What a callback reports besides the function's own response.
-pub struct CallbackInfo<'a> {
-    pub call_id: Option<&'a str>,
-    pub function: &'a str,
-    pub attempt: u32,
-    pub max_attempts: u32,
+pub(crate) struct CallbackInfo<'a> {
+    pub(crate) call_id: Option<&'a str>,
+    pub(crate) function: &'a str,
+    pub(crate) attempt: u32,
+    pub(crate) max_attempts: u32,
 }
 
 impl Invoker {
-    pub fn new(config: &Config, resolver: &CachingResolver) -> Invoker {
+    pub(crate) fn new(config: &Config, resolver: &CachingResolver) -> Invoker {
         let agent = |timeout: Duration| {
             let config = ureq::Agent::config_builder()
                 .http_status_as_error(false)
@@ -378,7 +449,7 @@ impl Invoker {
                 .output_buffer_size(config.max_request_header_bytes + OWN_HEADERS)
                 .max_response_header_size(MAX_HEAD)
                 .build();
-            ureq::Agent::with_parts(config, LeanConnector::default(), resolver.clone())
+            ureq::Agent::with_parts(config, PlainHttpConnector::default(), resolver.clone())
         };
         Invoker {
             agent: agent(config.upstream_timeout),
@@ -389,20 +460,20 @@ impl Invoker {
         }
     }
 
-    /// Calls the function once and classifies the result with the request's retry policy.
-    pub fn invoke(&self, req: &Request, policy: &RetryPolicy) -> Outcome {
+    /// Calls the function once and says what happened.
+    pub(crate) fn invoke(&self, req: &Request) -> CallResult {
         let started = Instant::now();
+        let failed =
+            |kind, error, sent| CallResult::Failed(Failure::new(kind, error, sent, started));
         let path = req.invoke_path();
         // Decided before a byte is written: a head that does not fit never succeeds.
         let head = request_head_bytes(&req.method, &path, &req.headers);
         if head > self.max_request_head {
-            return Outcome::Permanent(Reply::failed(
-                format!(
-                    "request line and headers take {head} bytes, over max_request_header_bytes ({})",
-                    self.max_request_head
-                ),
-                started.elapsed(),
-            ));
+            let error = format!(
+                "request line and headers take {head} bytes, over max_request_header_bytes ({})",
+                self.max_request_head
+            );
+            return failed(FailureKind::Unsendable, error, false);
         }
         let url = format!("{}{path}", self.gateway_url);
         let mut builder = http::Request::builder()
@@ -417,72 +488,52 @@ impl Invoker {
             Ok(r) => r,
             // A header the HTTP library refuses: the request cannot be sent as queued.
             Err(e) => {
-                return Outcome::Permanent(Reply::failed(
-                    format!("cannot build the request: {e}"),
-                    started.elapsed(),
-                ))
+                let error = format!("cannot build the request: {e}");
+                return failed(FailureKind::Unsendable, error, false);
             }
         };
-        match self.agent.run(request) {
-            Ok(mut response) => {
-                let status = response.status().as_u16();
-                let headers = response_headers(response.headers());
-                let body = response
-                    .body_mut()
-                    .with_config()
-                    .limit(self.max_response_bytes)
-                    .read_to_vec();
-                let duration = started.elapsed();
-                let body = match body {
-                    Ok(body) => body,
-                    Err(ureq::Error::BodyExceedsLimit(limit)) => {
-                        return Outcome::Permanent(Reply::failed(
-                            format!("response body larger than max_response_bytes ({limit})"),
-                            duration,
-                        ))
-                    }
-                    Err(e) => {
-                        return Outcome::Retry {
-                            reply: Reply::failed(
-                                format!("reading the response failed: {e}"),
-                                duration,
-                            ),
-                            retry_after: None,
-                        }
-                    }
-                };
-                let reply = Reply {
-                    status,
-                    headers,
-                    body,
-                    error: None,
-                    duration,
-                };
-                let internal = reply.header("X-OpenFaaS-Internal").is_some();
-                if policy.retries_status(status, internal) {
-                    let retry_after = reply
-                        .header("Retry-After")
-                        .and_then(|v| parse_retry_after(v, SystemTime::now()));
-                    Outcome::Retry { reply, retry_after }
-                } else {
-                    Outcome::Done(reply)
-                }
-            }
+        let mut response = match self.agent.run(request) {
+            Ok(response) => response,
             // The function answered; another attempt gets the same oversized head.
             Err(e @ ureq::Error::LargeResponseHeader(..)) => {
-                Outcome::Permanent(Reply::failed(describe(&e), started.elapsed()))
+                return failed(FailureKind::TooLarge, describe(&e), true)
             }
-            Err(e) => Outcome::Retry {
-                reply: Reply::failed(describe(&e), started.elapsed()),
-                retry_after: None,
-            },
+            Err(e) => return failed(FailureKind::Transport, describe(&e), maybe_sent(&e)),
+        };
+        let status = response.status().as_u16();
+        let headers = response_headers(response.headers());
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(self.max_response_bytes)
+            .read_to_vec();
+        match body {
+            Ok(body) => CallResult::Answered(Response {
+                status,
+                headers,
+                body,
+                duration: started.elapsed(),
+            }),
+            Err(ureq::Error::BodyExceedsLimit(limit)) => {
+                let error = format!("response body larger than max_response_bytes ({limit})");
+                failed(FailureKind::TooLarge, error, true)
+            }
+            Err(e) => {
+                let error = format!("reading the response failed: {e}");
+                failed(FailureKind::Transport, error, true)
+            }
         }
     }
 
     /// POSTs the function's result to the callback URL. Never retried: a failure is reported.
-    pub fn callback(&self, url: &str, reply: &Reply, info: &CallbackInfo<'_>) -> CallbackResult {
+    pub(crate) fn callback(
+        &self,
+        url: &str,
+        result: &CallResult,
+        info: &CallbackInfo<'_>,
+    ) -> CallbackResult {
         let mut builder = http::Request::builder().method("POST").uri(url);
-        for (name, value) in &reply.headers {
+        for (name, value) in result.headers() {
             if forwarded(name, &["content-length"]) && !worker_owned(name) {
                 builder = builder.header(name.as_str(), value.as_str());
             }
@@ -491,18 +542,18 @@ impl Invoker {
             builder = builder.header("X-Call-Id", id);
         }
         builder = builder
-            .header("X-Function-Status", reply.status.to_string())
+            .header("X-Function-Status", result.status().to_string())
             .header("X-Function-Name", info.function)
             .header(
                 "X-Duration-Seconds",
-                format!("{:.6}", reply.duration.as_secs_f64()),
+                format!("{:.6}", result.duration().as_secs_f64()),
             )
             .header("X-Retry", info.attempt.to_string())
             .header("X-Retry-Max", info.max_attempts.to_string());
-        if let Some(error) = &reply.error {
+        if let Some(error) = result.error() {
             builder = builder.header("X-Function-Error", sanitize_header(error));
         }
-        let request = match builder.body(reply.body.as_slice()) {
+        let request = match builder.body(result.body()) {
             Ok(r) => r,
             Err(e) => return CallbackResult::Failed(format!("cannot build the callback: {e}")),
         };
@@ -516,7 +567,7 @@ impl Invoker {
                     .read_to_end(&mut Vec::new());
                 let status = response.status().as_u16();
                 if (200..300).contains(&status) {
-                    CallbackResult::Delivered(status)
+                    CallbackResult::Delivered
                 } else {
                     CallbackResult::Failed(format!("callback answered {status}"))
                 }
@@ -527,7 +578,7 @@ impl Invoker {
 }
 
 /// The size of the request line and the queued headers that are forwarded, as written.
-pub fn request_head_bytes(method: &str, path: &str, headers: &[(String, String)]) -> usize {
+pub(crate) fn request_head_bytes(method: &str, path: &str, headers: &[(String, String)]) -> usize {
     let line = method.len() + 1 + path.len() + " HTTP/1.1\r\n".len();
     headers
         .iter()
@@ -573,6 +624,19 @@ fn response_headers(map: &http::HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Whether a failed call may have sent part of the request: `false` only for failures before
+/// a connection existed.
+fn maybe_sent(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::HostNotFound
+        | ureq::Error::ConnectionFailed
+        | ureq::Error::BadUri(_)
+        | ureq::Error::Timeout(ureq::Timeout::Resolve | ureq::Timeout::Connect) => false,
+        ureq::Error::Io(io) => io.kind() != std::io::ErrorKind::ConnectionRefused,
+        _ => true,
+    }
+}
+
 fn describe(e: &ureq::Error) -> String {
     match e {
         ureq::Error::Timeout(t) => format!("timed out ({t})"),
@@ -609,6 +673,28 @@ mod tests {
         }
         for name in ["Content-Type", "X-Custom", "X-Func", "X-Start-Time"] {
             assert!(!worker_owned(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn only_failures_before_a_connection_count_as_nothing_sent() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        for e in [
+            ureq::Error::HostNotFound,
+            ureq::Error::ConnectionFailed,
+            ureq::Error::Timeout(ureq::Timeout::Resolve),
+            ureq::Error::Timeout(ureq::Timeout::Connect),
+            ureq::Error::Io(refused),
+        ] {
+            assert!(!maybe_sent(&e), "{e}");
+        }
+        for e in [
+            ureq::Error::Timeout(ureq::Timeout::RecvResponse),
+            ureq::Error::Timeout(ureq::Timeout::Global),
+            ureq::Error::Io(reset),
+        ] {
+            assert!(maybe_sent(&e), "{e}");
         }
     }
 

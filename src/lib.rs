@@ -8,8 +8,8 @@
 //! - [`error`]: the crate's [`Error`] and [`error_chain`], which prints an error with its causes.
 //! - `broker`: every use of NATS: connect, stream and consumer, pull, ack, publish.
 //! - `worker`: one worker thread's loop from message to ack.
-//! - `invoke`: HTTP calls to functions and callbacks; the outcome of an attempt.
-//! - `retry`: back-off, jitter, `Retry-After` and per-function retry annotations.
+//! - `invoke`: HTTP calls to functions and callbacks; what an attempt produced.
+//! - `retry`: the retry decision (ack, retry after d, give up), back-off and annotations.
 //! - `timer`: the thread that keeps leases alive and hands due retries back.
 //! - `monitor`: the thread that re-creates a lost stream or consumer; the queue gauges.
 //! - [`request`]: the gateway's `QueueRequest` JSON, decoded and encoded.
@@ -31,10 +31,6 @@ pub mod supervisor;
 mod broker;
 mod duration;
 mod endpoint;
-#[expect(
-    dead_code,
-    reason = "invoke.rs, restructured in parallel: `Outcome::reply` is unused, `CachingResolver::cached` only by tests"
-)]
 mod invoke;
 mod metrics;
 mod monitor;

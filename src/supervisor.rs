@@ -113,7 +113,7 @@ fn connect_work_drain(
     };
     let stop = Arc::new(AtomicBool::new(false));
     let resolver = invoke::CachingResolver::for_gateway(&config.gateway_url);
-    let shared = Arc::new(worker::Shared {
+    let shared = Arc::new(worker::Context {
         timer: timer.clone(),
         metrics: metrics.clone(),
         broker: broker.clone(),

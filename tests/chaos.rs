@@ -623,10 +623,19 @@ fn c06_client_connections_cut() {
         let proxy = TcpProxy::to_nats(&nats.url());
         let tally = run.tally.clone();
         let calls = AtomicUsize::new(0);
+        let slow_ids: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+        let slow = slow_ids.clone();
         let function = FunctionServer::from_fn(move |seen| {
             tally.record(seen, 0);
             let k = calls.fetch_add(1, Ordering::SeqCst);
-            let delay = if k % 50 == 49 { 2500 } else { 2 };
+            let delay = if k % 50 == 49 {
+                if let Some(id) = seen.header("X-Call-Id") {
+                    slow.lock().unwrap().insert(id.to_string());
+                }
+                2500
+            } else {
+                2
+            };
             Reply::ok("done").with_delay(Duration::from_millis(delay))
         });
         let env = worker_env("2s");
@@ -644,6 +653,19 @@ fn c06_client_connections_cut() {
         run.wait_settled(&nats.url(), SETTLE_DEADLINE, || alive(&worker));
         let worst = sampler.stop();
         run.note(format!("max ack_pending seen {worst}"));
+        let slow = slow_ids.lock().unwrap();
+        let repeated: Vec<&String> = run
+            .expected
+            .iter()
+            .filter(|id| run.tally.calls_of(id).len() > 1)
+            .collect();
+        if !repeated.is_empty() {
+            let slow_repeated = repeated.iter().filter(|id| slow.contains(**id)).count();
+            run.note(format!(
+                "{slow_repeated} of the {} repeated call id(s) had a slow (2.5 s) call",
+                repeated.len()
+            ));
+        }
 
         if worst > MAX_INFLIGHT as u64 {
             run.fail(format!("ack_pending reached {worst}"));
@@ -872,26 +894,9 @@ fn cluster_leader_killed(worker_on_leader: bool) {
             // both, then the worker starts.
             run.publish(&urls, n, &env);
             let nc = try_connect(&urls).expect("connecting to the cluster");
-            let leader = wait_for(SECS(20), "a stream leader", || {
-                cluster.stream_leader(STREAM)
-            });
-            for _ in 0..20 {
-                let c = wait_for(SECS(20), "a consumer leader", || {
-                    cluster.consumer_leader(STREAM, DURABLE)
-                });
-                if c == leader {
-                    break;
-                }
-                cluster.step_down_consumer(&nc, STREAM, DURABLE);
-                wait_until(SECS(20), "a new consumer leader", || {
-                    cluster
-                        .consumer_leader(STREAM, DURABLE)
-                        .is_some_and(|l| l != c)
-                });
-            }
-            let consumer_leader = cluster.consumer_leader(STREAM, DURABLE);
+            let (leader, consumer_leader, step_downs) = align_leaders(&cluster, &nc, run);
             let role = if consumer_leader.as_deref() == Some(leader.as_str()) {
-                "stream + consumer leader".to_string()
+                format!("stream + consumer leader after {step_downs} step-down(s)")
             } else {
                 format!("stream leader; consumer leader {consumer_leader:?}")
             };
@@ -911,17 +916,68 @@ fn cluster_leader_killed(worker_on_leader: bool) {
             run.fault(&format!("SIGKILL to {leader}"));
             cluster.node(victim).kill9();
             let t = Instant::now();
-            wait_until(SECS(30), "new stream and consumer leaders", || {
+            let elected = loop {
                 let s = cluster.stream_leader(STREAM);
                 let c = cluster.consumer_leader(STREAM, DURABLE);
-                s.is_some_and(|s| s != leader) && c.is_some_and(|c| c != leader)
-            });
-            let election = t.elapsed();
-            run.note(format!("new leaders after {}", secs(election)));
-            run.max_stall = Some(election + SLACK);
+                if s.is_some_and(|s| s != leader) && c.is_some_and(|c| c != leader) {
+                    break Some(t.elapsed());
+                }
+                if t.elapsed() >= SECS(30) {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            match elected {
+                Some(election) => {
+                    run.note(format!("new leaders after {}", secs(election)));
+                    run.max_stall = Some(election + SLACK);
+                }
+                None => run.fail("no new stream and consumer leaders within 30 s (/jsz)"),
+            }
             run.wait_settled(&urls, SETTLE_DEADLINE, || alive(&worker));
         },
     );
+}
+
+/// The leaders of the stream and of the consumer, as the JetStream API reports them.
+fn api_leaders(nc: &::nats::Connection) -> (Option<String>, Option<String>) {
+    let js = jetstream(nc);
+    let stream = js.stream_info(STREAM).ok().and_then(|i| i.cluster.leader);
+    let consumer = js
+        .consumer_info(STREAM, DURABLE)
+        .ok()
+        .and_then(|i| i.cluster.leader);
+    (stream, consumer)
+}
+
+/// Steps the consumer's leader down until the stream's leader leads it too (60 s at most):
+/// (stream leader, consumer leader, step-downs). Gives up with the leaders as they are.
+fn align_leaders(
+    cluster: &NatsCluster,
+    nc: &::nats::Connection,
+    run: &mut Run,
+) -> (String, Option<String>, usize) {
+    let start = Instant::now();
+    let mut step_downs = 0;
+    loop {
+        let (stream, consumer) = api_leaders(nc);
+        match (stream, consumer) {
+            (Some(s), Some(c)) if s == c => return (s, Some(c), step_downs),
+            (Some(s), c) if start.elapsed() >= SECS(60) => return (s, c, step_downs),
+            (Some(_), Some(c)) => {
+                step_downs += 1;
+                if let Err(e) = cluster.step_down_consumer(nc, STREAM, DURABLE) {
+                    run.step(&format!("step-down refused: {e}"));
+                }
+                let moved = Instant::now();
+                while moved.elapsed() < SECS(10) && api_leaders(nc).1.as_deref() == Some(&c) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            _ if start.elapsed() >= SECS(60) => panic!("no stream leader within 60 s"),
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
 }
 
 #[test]

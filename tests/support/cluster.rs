@@ -119,9 +119,26 @@ impl NatsCluster {
         })
     }
 
-    /// Asks the consumer's leader to step down (a new one is elected among the replicas).
-    pub fn step_down_consumer(&self, nc: &::nats::Connection, stream: &str, durable: &str) {
+    /// Asks the consumer's leader to step down (a new one is elected among the replicas);
+    /// `Err` with the server's answer when it refused or did not answer.
+    pub fn step_down_consumer(
+        &self,
+        nc: &::nats::Connection,
+        stream: &str,
+        durable: &str,
+    ) -> Result<(), String> {
         let subject = format!("$JS.API.CONSUMER.LEADER.STEPDOWN.{stream}.{durable}");
-        let _ = nc.request_timeout(&subject, b"", Duration::from_secs(5));
+        let reply = nc
+            .request_timeout(&subject, b"", Duration::from_secs(5))
+            .map_err(|e| format!("{subject}: {e}"))?;
+        let v: Value = serde_json::from_slice(&reply.data).unwrap_or_default();
+        if v["success"] == true {
+            Ok(())
+        } else {
+            Err(format!(
+                "{subject}: {}",
+                String::from_utf8_lossy(&reply.data)
+            ))
+        }
     }
 }
