@@ -44,6 +44,12 @@ pub struct Config {
     pub(crate) metrics_address: std::net::IpAddr,
     pub(crate) retry: RetryConfig,
     pub(crate) dead_letter_subject: Option<String>,
+    /// Callback hosts the worker may call; `None`: every host (`http` and `https` only).
+    pub(crate) callback_allowed_hosts: Option<crate::allowlist::Allowlist>,
+    /// Skip certificate checks of https gateways and callbacks (unsafe).
+    pub(crate) tls_insecure: bool,
+    /// User and password sent to `gateway_url` (never to callbacks), from `basic_auth`.
+    pub(crate) gateway_auth: Option<(String, Secret)>,
     /// One line for each setting that was given but has no effect yet, to log at start.
     pub notices: Vec<String>,
 }
@@ -190,6 +196,8 @@ struct Draft {
     /// Set by a setting that is accepted but has no effect yet: why.
     inert: Option<&'static str>,
     nats: NatsDraft,
+    basic_auth: bool,
+    secret_mount_path: PathBuf,
 }
 
 /// Accepts a setting of the OpenFaaS chart that this worker does not act on yet.
@@ -246,6 +254,17 @@ fn secret_file(path: &str) -> Result<Secret, Refusal> {
         return Err("a file that is not empty".into());
     }
     Ok(Secret::new(value))
+}
+
+/// The gateway's user and password, as OpenFaaS mounts them: one file each.
+fn gateway_credentials(dir: &std::path::Path) -> Result<(String, Secret), Refusal> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        secret_file(&path.to_string_lossy()).map_err(|e| format!("{name}: {e}"))
+    };
+    let user = read("basic-auth-user")?;
+    let password = read("basic-auth-password")?;
+    Ok((user.expose().to_string(), password))
 }
 
 /// A readable PEM file.
@@ -605,6 +624,46 @@ const SETTINGS: &[Setting] = &[
         },
     },
     Setting {
+        name: "callback_allowed_hosts",
+        default: DefaultIs::Unset,
+        help: "comma list of `host`, `host:port` and `*.domain` that callbacks may go to (unset: every host); set it, or anyone who can queue a request can make the worker POST to any address it reaches",
+        apply: |d, v| {
+            d.c.callback_allowed_hosts = Some(with(
+                v,
+                "a comma list of host, host:port and *.domain patterns",
+                crate::allowlist::Allowlist::parse,
+            )?);
+            Ok(())
+        },
+    },
+    Setting {
+        name: "tls_insecure",
+        default: DefaultIs::Value("false"),
+        help: "skip certificate checks of https gateways and callbacks: UNSAFE, for test set-ups only",
+        apply: |d, v| {
+            d.c.tls_insecure = flag(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "basic_auth",
+        default: DefaultIs::Value("false"),
+        help: "send the gateway's basic-auth credentials (files `basic-auth-user`, `basic-auth-password` in `secret_mount_path`) to `gateway_url`, never to callbacks",
+        apply: |d, v| {
+            d.basic_auth = flag(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "secret_mount_path",
+        default: DefaultIs::Value("/var/openfaas/secrets"),
+        help: "folder of the gateway's basic-auth secret files, as OpenFaaS mounts them",
+        apply: |d, v| {
+            d.secret_mount_path = PathBuf::from(v);
+            Ok(())
+        },
+    },
+    Setting {
         name: "dead_letter_subject",
         default: DefaultIs::Unset,
         help: "where given-up requests are published",
@@ -738,12 +797,6 @@ const SETTINGS: &[Setting] = &[
             inert(d, n, "the queue has one partition")
         },
     },
-    Setting {
-        name: "tls_insecure",
-        default: DefaultIs::Value("false"),
-        help: "OpenFaaS chart: skip certificate checks of https gateways and callbacks (no effect yet)",
-        apply: |d, v| inert(d, flag(v), "certificates are always checked"),
-    },
 ];
 
 /// Names that OpenFaaS's worker once read and that this one has no use for.
@@ -828,6 +881,8 @@ impl Config {
             nats_port: 0,
             inert: None,
             nats: NatsDraft::default(),
+            basic_auth: false,
+            secret_mount_path: PathBuf::new(),
         };
         for s in SETTINGS {
             let Some(value) = effective(s) else { continue };
@@ -848,6 +903,8 @@ impl Config {
             nats_host,
             nats_port,
             nats,
+            basic_auth,
+            secret_mount_path,
             ..
         } = draft;
         if c.nats_urls.is_empty() {
@@ -875,6 +932,17 @@ impl Config {
         (c.auth, c.tls) = nats
             .resolve(&c.nats_urls)
             .map_err(|(var, e)| refuse(var, e))?;
+        if basic_auth {
+            c.gateway_auth = Some(gateway_credentials(&secret_mount_path).map_err(|e| {
+                refuse(
+                    "basic_auth",
+                    format!(
+                        "false, or {e} (secret_mount_path={})",
+                        secret_mount_path.display()
+                    ),
+                )
+            })?);
+        }
         if get("max_ack_pending").is_none() {
             c.max_ack_pending = c.max_ack_pending.max(c.max_inflight.get());
         } else if c.max_ack_pending < c.max_inflight.get() {
@@ -939,6 +1007,9 @@ impl Config {
                 backoff: Backoff::Exponential,
             },
             dead_letter_subject: None,
+            callback_allowed_hosts: None,
+            tls_insecure: false,
+            gateway_auth: None,
             notices: Vec::new(),
         }
     }
@@ -1315,7 +1386,6 @@ mod tests {
                 "filter_partition",
                 "limiter_enabled",
                 "queue_partitions",
-                "tls_insecure"
             ],
             "one line each for what has no effect yet"
         );
@@ -1357,6 +1427,38 @@ mod tests {
         assert!(w[1].contains("did you mean max_inflight"), "{w:?}");
         assert!(w[2].contains("did you mean ack_wait"), "{w:?}");
         assert!(w[3].contains("retired"), "{w:?}");
+    }
+
+    #[test]
+    fn basic_auth_reads_the_gateway_secrets_as_openfaas_mounts_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mount = dir.path().to_str().unwrap();
+        let err = config(&[("basic_auth", "true"), ("secret_mount_path", mount)]).unwrap_err();
+        assert_eq!(err.var, "basic_auth");
+        assert!(err.expected.contains("basic-auth-user"), "{err}");
+        std::fs::write(dir.path().join("basic-auth-user"), "admin\n").unwrap();
+        std::fs::write(dir.path().join("basic-auth-password"), "s3cret\n").unwrap();
+        let c = config(&[("basic_auth", "true"), ("secret_mount_path", mount)]).unwrap();
+        let (user, password) = c.gateway_auth.clone().unwrap();
+        assert_eq!((user.as_str(), password.expose()), ("admin", "s3cret"));
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "Debug hides the password"
+        );
+        assert!(config(&[("secret_mount_path", mount)])
+            .unwrap()
+            .gateway_auth
+            .is_none());
+    }
+
+    #[test]
+    fn callback_hosts_and_tls_insecure() {
+        let c = config(&[("callback_allowed_hosts", "cb.example, *.svc:8080")]).unwrap();
+        assert!(c.callback_allowed_hosts.is_some());
+        assert!(!c.tls_insecure);
+        assert!(config(&[("tls_insecure", "true")]).unwrap().tls_insecure);
+        let err = config(&[("callback_allowed_hosts", "http://x")]).unwrap_err();
+        assert_eq!(err.var, "callback_allowed_hosts");
     }
 
     #[test]

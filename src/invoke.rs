@@ -423,6 +423,8 @@ pub(crate) struct Invoker {
     max_response_bytes: u64,
     /// Largest request line plus queued headers (`max_request_header_bytes`).
     max_request_head: usize,
+    /// `Authorization` for the gateway (`basic_auth`); never sent to a callback.
+    gateway_authorization: Option<String>,
 }
 
 /// What a callback reports besides the function's own response.
@@ -435,6 +437,8 @@ pub(crate) struct CallbackInfo<'a> {
 
 impl Invoker {
     pub(crate) fn new(config: &Config, resolver: &CachingResolver) -> Invoker {
+        #[cfg(feature = "tls")]
+        let tls_insecure = config.tls_insecure;
         let agent = |timeout: Duration| {
             let config = ureq::Agent::config_builder()
                 .http_status_as_error(false)
@@ -447,9 +451,18 @@ impl Invoker {
                 .input_buffer_size(INPUT_BUFFER)
                 // The whole head fits, so it is written in one piece or not at all.
                 .output_buffer_size(config.max_request_header_bytes + OWN_HEADERS)
-                .max_response_header_size(MAX_HEAD)
-                .build();
-            ureq::Agent::with_parts(config, PlainHttpConnector::default(), resolver.clone())
+                .max_response_header_size(MAX_HEAD);
+            #[cfg(feature = "tls")]
+            let config = config.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .disable_verification(tls_insecure)
+                    .build(),
+            );
+            ureq::Agent::with_parts(
+                config.build(),
+                PlainHttpConnector::default(),
+                resolver.clone(),
+            )
         };
         Invoker {
             agent: agent(config.upstream_timeout),
@@ -457,6 +470,14 @@ impl Invoker {
             gateway_url: config.gateway_url.clone(),
             max_response_bytes: config.max_response_bytes,
             max_request_head: config.max_request_header_bytes,
+            gateway_authorization: config.gateway_auth.as_ref().map(|(user, password)| {
+                use base64::Engine as _;
+                let pair = format!("{user}:{}", password.expose());
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(pair)
+                )
+            }),
         }
     }
 
@@ -480,9 +501,15 @@ impl Invoker {
             .method(req.method.as_str())
             .uri(&url);
         for (name, value) in &req.headers {
-            if forwarded(name, QUEUED_OWN) {
+            // With basic_auth the gateway needs the worker's credentials, not the caller's.
+            let replaced =
+                self.gateway_authorization.is_some() && name.eq_ignore_ascii_case("authorization");
+            if forwarded(name, QUEUED_OWN) && !replaced {
                 builder = builder.header(name.as_str(), value.as_str());
             }
+        }
+        if let Some(authorization) = &self.gateway_authorization {
+            builder = builder.header("Authorization", authorization.as_str());
         }
         let request = match builder.body(req.body.as_slice()) {
             Ok(r) => r,
@@ -706,6 +733,21 @@ mod tests {
         ];
         // "GET /p HTTP/1.1\r\n" is 17 bytes, "X-A: 1\r\n" 8; Host is the client's own.
         assert_eq!(request_head_bytes("GET", "/p", &headers), 25);
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn tls_insecure_turns_certificate_checks_off_for_gateway_and_callbacks() {
+        let resolver = CachingResolver::for_gateway("http://gateway:8080");
+        let checked = |insecure: bool| {
+            let mut config = Config::defaults();
+            config.tls_insecure = insecure;
+            let invoker = Invoker::new(&config, &resolver);
+            [&invoker.agent, &invoker.callback_agent]
+                .map(|a| !a.config().tls_config().disable_verification())
+        };
+        assert_eq!(checked(false), [true, true]);
+        assert_eq!(checked(true), [false, false]);
     }
 
     #[test]

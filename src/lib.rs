@@ -13,6 +13,7 @@
 //! - `timer`: the thread that keeps leases alive and hands due retries back.
 //! - `monitor`: the thread that re-creates a lost stream or consumer; the queue gauges.
 //! - [`request`]: the gateway's `QueueRequest` JSON, decoded and encoded.
+//! - `allowlist`: which callback hosts may be called (`callback_allowed_hosts`).
 //! - `url`: Go's URL escaping, the path and query checks, redaction for logs.
 //! - `duration`: Go's `time.ParseDuration`, for settings and annotations alike.
 //! - `metrics`: Prometheus metrics.
@@ -28,6 +29,7 @@ pub mod logging;
 pub mod request;
 pub mod supervisor;
 
+mod allowlist;
 mod broker;
 mod duration;
 mod endpoint;

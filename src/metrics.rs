@@ -193,7 +193,7 @@ impl Metrics {
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
-        for result in ["ok", "error"] {
+        for result in ["ok", "error", "refused"] {
             callbacks.with_label_values(&[result]);
         }
         for reason in MALFORMED_REASONS {
@@ -285,6 +285,11 @@ impl Metrics {
     pub(crate) fn callback(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.callbacks.with_label_values(&[result]).inc();
+    }
+
+    /// A callback URL outside `callback_allowed_hosts` (or not http/https): not called.
+    pub(crate) fn callback_refused(&self) {
+        self.callbacks.with_label_values(&["refused"]).inc();
     }
 
     /// Sets the queue gauges from the server's counters.

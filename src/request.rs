@@ -332,13 +332,15 @@ impl Request {
     }
 }
 
+/// The gateway test vectors and Go's JSON encoding: one loader, shared with tests/core.rs.
+#[cfg(test)]
+#[path = "../tests/support/vectors.rs"]
+mod vectors;
+
 #[cfg(test)]
 mod tests {
+    use super::vectors::{self, go_json as go_style_json};
     use super::*;
-
-    /// Messages exactly as Go's encoding/json writes faas-provider's `QueueRequest` (current and
-    /// pre-2023 layouts), with what a worker must call for each; tests/data/README.md says more.
-    const VECTORS: &str = include_str!("../tests/data/queue-requests.jsonl");
 
     #[derive(Deserialize)]
     struct Case {
@@ -356,10 +358,9 @@ mod tests {
     }
 
     fn cases() -> Vec<Case> {
-        VECTORS
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).expect("vector parses"))
+        vectors::vectors()
+            .into_iter()
+            .map(|v| serde_json::from_value(v).expect("vector has case, message and expect"))
             .collect()
     }
 
@@ -381,16 +382,6 @@ mod tests {
             );
             assert_eq!(req.callback_url, case.expect.callback, "{}", case.case);
         }
-    }
-
-    /// serde_json writes `&` as is; Go writes `\u0026`. Produce Go's form.
-    fn go_style_json(v: &serde_json::Value) -> Vec<u8> {
-        serde_json::to_string(v)
-            .unwrap()
-            .replace('&', "\\u0026")
-            .replace('<', "\\u003c")
-            .replace('>', "\\u003e")
-            .into_bytes()
     }
 
     #[test]

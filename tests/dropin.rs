@@ -235,11 +235,104 @@ fn the_openfaas_chart_env_block_starts_the_worker() {
         .filter_map(|l| l["msg"].as_str().map(String::from))
         .filter(|m| m.contains("has no effect yet"))
         .collect();
-    assert_eq!(infos.len(), 7, "one line per inert setting: {infos:?}");
+    assert_eq!(infos.len(), 6, "one line per inert setting: {infos:?}");
     let w = warnings(&worker);
     assert!(
         w.iter()
             .any(|w| w.contains("max_inflite") && w.contains("max_inflight")),
         "{w:?}"
+    );
+}
+
+#[test]
+fn callbacks_outside_the_allowlist_are_refused_counted_and_acked() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::ok();
+    let allowed = FunctionServer::ok();
+    let other = FunctionServer::ok();
+    let worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[(
+            "callback_allowed_hosts",
+            &format!("127.0.0.1:{}, *.example", allowed.port()),
+        )],
+    );
+    let nc = connect(&nats.url());
+    let to = |server: &FunctionServer, host: &str| {
+        with_callback(
+            gateway_request("f", b""),
+            &format!("http://{host}:{}/cb?token=t0ps3cret", server.port()),
+        )
+    };
+    publish_json(&nc, QUEUE, &to(&other, "localhost"));
+    publish_json(&nc, QUEUE, &to(&allowed, "127.0.0.1"));
+    allowed.wait_for_count(1, SECS(10));
+    function.wait_for_count(2, SECS(10));
+    worker.wait_metric(
+        "queue_worker_callbacks_total{result=\"refused\"}",
+        SECS(10),
+        |v| v == 1.0,
+    );
+    wait_until(SECS(10), "both acked", || {
+        stream_messages(&nc, &format!("OF_{QUEUE}")) == 0
+    });
+    assert_eq!(other.count(), 0, "the refused host was never called");
+    let log = worker.logs();
+    assert!(log.contains("not in callback_allowed_hosts"), "{log}");
+    assert!(
+        !log.contains("t0ps3cret"),
+        "the callback's query is not logged"
+    );
+}
+
+#[test]
+fn basic_auth_goes_to_the_gateway_only() {
+    let nats = NatsServer::start();
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("basic-auth-user"), "admin\n").unwrap();
+    std::fs::write(secrets.path().join("basic-auth-password"), "pa55\n").unwrap();
+    let function = FunctionServer::ok();
+    let callbacks = FunctionServer::ok();
+    let _worker = Worker::start_ready(
+        nats.url(),
+        function.url(),
+        &[
+            ("basic_auth", "true"),
+            ("secret_mount_path", secrets.path().to_str().unwrap()),
+        ],
+    );
+    let nc = connect(&nats.url());
+    let mut req = with_callback(
+        gateway_request("f", b""),
+        &format!("{}/cb", callbacks.url()),
+    );
+    req["Header"]["Authorization"] = serde_json::json!(["Bearer caller"]);
+    publish_json(&nc, QUEUE, &req);
+    let seen = &function.wait_for_count(1, SECS(10))[0];
+    // base64("admin:pa55")
+    assert_eq!(
+        seen.header_all("Authorization"),
+        vec!["Basic YWRtaW46cGE1NQ=="]
+    );
+    let cb = &callbacks.wait_for_count(1, SECS(10))[0];
+    assert_eq!(cb.header("Authorization"), None, "never sent to a callback");
+}
+
+#[test]
+fn basic_auth_without_its_secret_files_exits_2() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = run_cli(
+        &[],
+        &[
+            ("basic_auth", "true"),
+            ("secret_mount_path", empty.path().to_str().unwrap()),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("basic_auth") && stderr.contains("basic-auth-user"),
+        "{stderr}"
     );
 }

@@ -6,11 +6,14 @@
 //! a few seconds, with exit code 3 when the drain did not complete; a call whose function
 //! returned is not handed back by the drain.
 
+#[path = "support/proxy.rs"]
+mod proxy;
 mod support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use proxy::{ProxyMode, TcpProxy};
 use support::*;
 
 /// The stream the worker creates for the default queue.

@@ -396,7 +396,7 @@ fn secrets_stay_out_of_the_logs() {
     let nats = NatsServer::start();
     let function = FunctionServer::ok();
     // A server that is not there, with credentials: every retry is logged.
-    let closed = free_port();
+    let closed = closed_port();
     let worker = Worker::builder(
         format!("nats://user:hunter2@127.0.0.1:{closed}"),
         function.url(),

@@ -43,7 +43,8 @@ fn known_run(nats: &NatsServer) -> (Worker, FunctionServer, FunctionServer) {
         QUEUE,
         &with_callback(gateway_request("down", b""), &callbacks.url()),
     );
-    let nowhere = format!("http://127.0.0.1:{}/", free_port());
+    let refusing = closed_port();
+    let nowhere = format!("http://127.0.0.1:{refusing}/");
     publish_json(
         &nc,
         QUEUE,

@@ -1,11 +1,14 @@
 //! A JetStream cluster of real `nats-server` processes on 127.0.0.1 (routes on loopback).
+//!
+//! Opt-in: a test file compiles it with `#[path = "support/cluster.rs"] mod cluster;` beside
+//! `mod support;` (tests/chaos.rs).
 
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{free_port, http_get, NatsServer};
+use crate::support::{http_get, NatsServer};
 
 /// `n` nodes named `n1`, `n2`, ... in cluster `chaos`, each a [`NatsServer`] with its own store
 /// and ports, routed to every other node. Drop kills every node.
@@ -17,7 +20,7 @@ impl NatsCluster {
     /// Starts `n` nodes of the binary `bin` at once (a lone node is not healthy until a quorum
     /// has formed) and waits until every one answers `/healthz`.
     pub fn start(bin: &Path, n: usize) -> NatsCluster {
-        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let cluster_ports: Vec<u16> = (0..n).map(|_| route_port()).collect();
         let threads: Vec<_> = (0..n)
             .map(|i| {
                 let bin = bin.to_path_buf();
@@ -141,4 +144,18 @@ impl NatsCluster {
             ))
         }
     }
+}
+
+/// A port that was free a moment ago (bound on 127.0.0.1:0, then released), for a node's route
+/// listener: the one fixture port picked ahead, a documented race. nats-server takes
+/// `--cluster nats://127.0.0.1:-1` (an ephemeral route port), but a JetStream cluster node
+/// refuses to start without configured routes ("JetStream cluster requires configured routes"),
+/// so every node needs the others' route URLs on its command line before any starts (and they
+/// start together: a lone node is never healthy). Client and monitor ports are the server's own
+/// choice (`-p -1 -m -1`, read from the ports file).
+fn route_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0 to find a free port")
 }

@@ -5,7 +5,7 @@
 //! Drop leaves kept-alive connections open, answering nothing. Here every connection has its
 //! own thread, and Drop closes the listener and every connection before it returns.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 /// Largest request head (request line plus headers) the server accepts.
 const MAX_HEAD: usize = 64 * 1024;
+/// Header slots httparse is given first; doubled while a head has more.
+const HEADERS_FIRST: usize = 64;
 
 /// One request the function server received (recorded on arrival, before the handler runs).
 #[derive(Clone)]
@@ -27,6 +29,7 @@ pub struct Seen {
     /// The request body.
     pub body: Vec<u8>,
     /// When the request arrived.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub at: Instant,
 }
 
@@ -49,13 +52,17 @@ impl Seen {
     }
 
     /// The path part of `url` (without the query).
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn path(&self) -> &str {
         self.url.split('?').next().unwrap_or("")
     }
 
-    /// The query part of `url` (after '?'), if any.
-    pub fn query(&self) -> Option<&str> {
-        self.url.split_once('?').map(|(_, q)| q)
+    /// Whether a header `name` lists `token` (comma-separated, case-insensitive).
+    fn has_token(&self, name: &str, token: &str) -> bool {
+        self.header_all(name)
+            .iter()
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
     }
 
     /// The body as lossy UTF-8.
@@ -95,10 +102,6 @@ pub struct Reply {
     pub body: Vec<u8>,
     /// Sleep this long before answering (plays a slow function; cut short when the server drops).
     pub delay: Duration,
-    /// Answer with `Connection: close` and close the connection.
-    pub close: bool,
-    /// Close the connection without answering (plays a function that crashes mid-request).
-    pub hangup: bool,
     /// Answer as if keeping the connection alive, then close it (plays a server that drops
     /// idle connections).
     pub drop_after: bool,
@@ -112,8 +115,6 @@ impl Reply {
             headers: Vec::new(),
             body: body.into(),
             delay: Duration::ZERO,
-            close: false,
-            hangup: false,
             drop_after: false,
         }
     }
@@ -127,6 +128,7 @@ impl Reply {
     }
 
     /// Adds a response header.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn with_header(mut self, name: &str, value: &str) -> Reply {
         self.headers.push((name.to_string(), value.to_string()));
         self
@@ -139,29 +141,17 @@ impl Reply {
     }
 
     /// Sleeps `d` before answering.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn with_delay(mut self, d: Duration) -> Reply {
         self.delay = d;
         self
     }
 
-    /// Answers with `Connection: close` and closes the connection.
-    pub fn with_close(mut self) -> Reply {
-        self.close = true;
-        self
-    }
-
     /// Answers without `Connection: close`, then closes the connection anyway.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn then_drop(mut self) -> Reply {
         self.drop_after = true;
         self
-    }
-
-    /// Closes the connection without answering, after the delay if any.
-    pub fn hangup() -> Reply {
-        Reply {
-            hangup: true,
-            ..Reply::status(0)
-        }
     }
 }
 
@@ -173,7 +163,6 @@ struct Shared {
     seen: Mutex<Vec<Seen>>,
     stop: AtomicBool,
     in_flight: AtomicUsize,
-    max_in_flight: AtomicUsize,
     answered: AtomicUsize,
     /// Requests that arrived cut short or malformed (answered 400, never handled).
     partial: AtomicUsize,
@@ -195,20 +184,15 @@ pub struct FunctionServer {
 
 impl FunctionServer {
     /// Requests that arrived cut short or malformed: the handler never saw them.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn partial(&self) -> usize {
         self.shared.partial.load(Ordering::SeqCst)
     }
 
     /// Starts a server on an ephemeral port answering every request with `handler`.
     pub fn start(handler: Handler) -> FunctionServer {
-        FunctionServer::start_on(0, handler)
-    }
-
-    /// Starts a server on 127.0.0.1:`port` (0: ephemeral), e.g. on a [`super::free_port`] the
-    /// worker was already pointed at, to play a function that comes up late.
-    pub fn start_on(port: u16, handler: Handler) -> FunctionServer {
-        let listener = TcpListener::bind(("127.0.0.1", port))
-            .unwrap_or_else(|e| panic!("function server: binding 127.0.0.1:{port}: {e}"));
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .unwrap_or_else(|e| panic!("function server: binding 127.0.0.1:0: {e}"));
         let addr = listener
             .local_addr()
             .expect("function server: local address");
@@ -217,7 +201,6 @@ impl FunctionServer {
             seen: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
-            max_in_flight: AtomicUsize::new(0),
             answered: AtomicUsize::new(0),
             partial: AtomicUsize::new(0),
             conns: Mutex::new(Vec::new()),
@@ -243,22 +226,26 @@ impl FunctionServer {
     }
 
     /// 200 echoing the request body, with the request's Content-Type copied.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn echo() -> FunctionServer {
         FunctionServer::from_fn(echo_reply)
     }
 
     /// Like [`FunctionServer::echo`], but answers after `delay` (a slow function).
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn echo_with_delay(delay: Duration) -> FunctionServer {
         FunctionServer::from_fn(move |seen| echo_reply(seen).with_delay(delay))
     }
 
     /// 200 with an empty body: a plain callback receiver.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn ok() -> FunctionServer {
         FunctionServer::from_fn(|_| Reply::ok(Vec::new()))
     }
 
     /// Answers the n-th request with `statuses[n]`, then 200 forever; the body is echoed and the
     /// Content-Type copied, as in [`FunctionServer::echo`].
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn script(statuses: Vec<u16>) -> FunctionServer {
         let next = AtomicUsize::new(0);
         FunctionServer::from_fn(move |seen| {
@@ -275,6 +262,7 @@ impl FunctionServer {
     }
 
     /// The port it listens on.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn port(&self) -> u16 {
         self.addr.port()
     }
@@ -285,27 +273,26 @@ impl FunctionServer {
     }
 
     /// How many requests have arrived.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn count(&self) -> usize {
         self.shared.seen.lock().unwrap().len()
     }
 
     /// How many requests have been answered (response written, or hung up on).
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn answered(&self) -> usize {
         self.shared.answered.load(Ordering::SeqCst)
     }
 
     /// How many requests are being handled right now.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn in_flight(&self) -> usize {
         self.shared.in_flight.load(Ordering::SeqCst)
     }
 
-    /// The most requests ever handled at the same time.
-    pub fn max_in_flight(&self) -> usize {
-        self.shared.max_in_flight.load(Ordering::SeqCst)
-    }
-
     /// Waits until at least `n` requests have arrived and returns them all; panics listing the
     /// requests seen so far when `deadline` passes.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn wait_for_count(&self, n: usize, deadline: Duration) -> Vec<Seen> {
         let start = Instant::now();
         loop {
@@ -357,6 +344,7 @@ impl Drop for FunctionServer {
     }
 }
 
+#[allow(dead_code)] // shared: not every test file uses it
 fn echo_reply(seen: &Seen) -> Reply {
     let reply = Reply::ok(seen.body.clone());
     match seen.header("Content-Type") {
@@ -401,36 +389,116 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// A parsed request head.
-struct Head {
-    method: String,
-    url: String,
-    version: String,
-    headers: Vec<(String, String)>,
+/// One connection's socket and the bytes read from it but not yet consumed (httparse parses
+/// from a buffer; what follows a head is the start of its body or of the next request).
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
 }
 
-impl Head {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+impl Conn {
+    /// Reads more bytes onto `buf`; `Ok(0)` at EOF.
+    fn fill(&mut self) -> Result<usize, String> {
+        let mut chunk = [0u8; 8192];
+        let n = self
+            .stream
+            .read(&mut chunk)
+            .map_err(|e| format!("reading request: {e}"))?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n)
     }
 
-    fn has_token(&self, name: &str, token: &str) -> bool {
-        self.headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .flat_map(|(_, v)| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    }
-
-    fn keep_alive(&self) -> bool {
-        if self.version == "HTTP/1.0" {
-            self.has_token("Connection", "keep-alive")
-        } else {
-            !self.has_token("Connection", "close")
+    /// Reads one request: head, then body (answering `Expect: 100-continue` in between).
+    /// `Ok(None)` if the connection closed before a request (blank lines between requests are
+    /// tolerated); else the request and whether the client keeps the connection alive.
+    fn read_request(&mut self, writer: &mut TcpStream) -> Result<Option<(Seen, bool)>, String> {
+        while self.buf.iter().all(|b| matches!(b, b'\r' | b'\n')) {
+            if self.fill()? == 0 {
+                return Ok(None);
+            }
         }
+        let (mut seen, minor) = loop {
+            if let Some((n, seen, minor)) = parse_head(&self.buf)? {
+                self.buf.drain(..n);
+                break (seen, minor);
+            }
+            if self.buf.len() > MAX_HEAD {
+                return Err("request head too large".to_string());
+            }
+            if self.fill()? == 0 {
+                return Err("connection closed in the request head".to_string());
+            }
+        };
+        if seen.has_token("Expect", "100-continue") {
+            let _ = writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        seen.body = self.read_body(&seen)?;
+        let keep_alive = if minor == 0 {
+            seen.has_token("Connection", "keep-alive")
+        } else {
+            !seen.has_token("Connection", "close")
+        };
+        Ok(Some((seen, keep_alive)))
+    }
+
+    /// Reads the body `head` announces with Content-Length (none without it). The worker (ureq
+    /// with a byte-slice body) always sends Content-Length and never forwards Transfer-Encoding:
+    /// a chunked request is refused (400, counted in `partial`), not decoded.
+    fn read_body(&mut self, head: &Seen) -> Result<Vec<u8>, String> {
+        if let Some(te) = head.header("Transfer-Encoding") {
+            return Err(format!(
+                "Transfer-Encoding {te:?}: the fixture reads Content-Length only"
+            ));
+        }
+        let Some(len) = head.header("Content-Length") else {
+            return Ok(Vec::new());
+        };
+        let len: usize = len
+            .parse()
+            .map_err(|_| format!("bad Content-Length {len:?}"))?;
+        let have = self.buf.len().min(len);
+        let mut body: Vec<u8> = self.buf.drain(..have).collect();
+        body.resize(len, 0);
+        self.stream
+            .read_exact(&mut body[have..])
+            .map_err(|e| format!("reading a {len}-byte body: {e}"))?;
+        Ok(body)
+    }
+}
+
+/// Parses a request head at the start of `buf` with httparse: `Ok(None)` while incomplete, else
+/// its length, the request (body still empty) and its minor HTTP version (0 or 1: httparse
+/// knows no other); `Err` if it is malformed or a header value is not UTF-8.
+fn parse_head(buf: &[u8]) -> Result<Option<(usize, Seen, u8)>, String> {
+    let mut slots = HEADERS_FIRST;
+    loop {
+        let mut headers = vec![httparse::EMPTY_HEADER; slots];
+        let mut req = httparse::Request::new(&mut headers);
+        let n = match req.parse(buf) {
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Ok(httparse::Status::Complete(n)) => n,
+            Err(httparse::Error::TooManyHeaders) if slots < MAX_HEAD => {
+                slots *= 2;
+                continue;
+            }
+            Err(e) => return Err(format!("bad request head: {e}")),
+        };
+        let headers = req
+            .headers
+            .iter()
+            .map(|h| match std::str::from_utf8(h.value) {
+                Ok(v) => Ok((h.name.to_string(), v.trim().to_string())),
+                Err(_) => Err("request head is not UTF-8".to_string()),
+            })
+            .collect::<Result<_, String>>()?;
+        let seen = Seen {
+            method: req.method.unwrap_or_default().to_string(),
+            url: req.path.unwrap_or_default().to_string(),
+            headers,
+            body: Vec::new(),
+            at: Instant::now(),
+        };
+        return Ok(Some((n, seen, req.version.unwrap_or(1))));
     }
 }
 
@@ -438,20 +506,24 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
-    serve_requests(BufReader::new(stream), &mut writer, shared);
+    let mut conn = Conn {
+        stream,
+        buf: Vec::new(),
+    };
+    serve_requests(&mut conn, &mut writer, shared);
     // The registry holds another handle on this socket: close it explicitly.
     let _ = writer.shutdown(Shutdown::Both);
 }
 
 /// Serves requests on one connection until it is to be closed.
-fn serve_requests(mut reader: BufReader<TcpStream>, writer: &mut TcpStream, shared: &Shared) {
+fn serve_requests(conn: &mut Conn, writer: &mut TcpStream, shared: &Shared) {
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
         // Ok(None): the client closed the connection between requests.
-        let (head, at) = match read_head(&mut reader) {
-            Ok(Some(h)) => h,
+        let (seen, keep_alive) = match conn.read_request(writer) {
+            Ok(Some(r)) => r,
             Ok(None) => return,
             Err(e) => {
                 shared.partial.fetch_add(1, Ordering::SeqCst);
@@ -459,29 +531,9 @@ fn serve_requests(mut reader: BufReader<TcpStream>, writer: &mut TcpStream, shar
                 return;
             }
         };
-        if head.has_token("Expect", "100-continue") {
-            let _ = writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
-        }
-        let body = match read_body(&mut reader, &head) {
-            Ok(b) => b,
-            Err(e) => {
-                shared.partial.fetch_add(1, Ordering::SeqCst);
-                let _ = write_response(writer, &Reply::status(400).with_body(e), true, false);
-                return;
-            }
-        };
-        let keep_alive = head.keep_alive();
-        let is_head = head.method == "HEAD";
-        let seen = Seen {
-            method: head.method,
-            url: head.url,
-            headers: head.headers,
-            body,
-            at,
-        };
+        let is_head = seen.method == "HEAD";
         shared.seen.lock().unwrap().push(seen.clone());
-        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
         let in_flight = InFlight(shared);
 
         let reply = (shared.handler)(&seen);
@@ -497,12 +549,7 @@ fn serve_requests(mut reader: BufReader<TcpStream>, writer: &mut TcpStream, shar
             std::thread::sleep((until - now).min(Duration::from_millis(10)));
         }
         drop(in_flight); // before answering: a client that has its answer sees it counted out
-        if reply.hangup {
-            shared.answered.fetch_add(1, Ordering::SeqCst);
-            return;
-        }
-        let close = reply.close
-            || !keep_alive
+        let close = !keep_alive
             || reply.headers.iter().any(|(k, v)| {
                 k.eq_ignore_ascii_case("Connection") && v.eq_ignore_ascii_case("close")
             });
@@ -521,114 +568,6 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
-}
-
-/// Reads one CRLF- (or LF-) terminated line, without the terminator; `Ok(None)` at EOF.
-fn read_line(reader: &mut impl BufRead, budget: &mut usize) -> Result<Option<String>, String> {
-    let mut buf = Vec::new();
-    let n = reader
-        .by_ref()
-        .take(*budget as u64 + 1)
-        .read_until(b'\n', &mut buf)
-        .map_err(|e| format!("reading request: {e}"))?;
-    if n == 0 {
-        return Ok(None);
-    }
-    if n > *budget {
-        return Err("request head too large".to_string());
-    }
-    *budget -= n;
-    if buf.last() != Some(&b'\n') {
-        return Err("connection closed mid-line".to_string());
-    }
-    buf.pop();
-    if buf.last() == Some(&b'\r') {
-        buf.pop();
-    }
-    String::from_utf8(buf)
-        .map(Some)
-        .map_err(|_| "request head is not UTF-8".to_string())
-}
-
-/// Reads a request line and headers; `Ok(None)` if the connection closed before a request.
-fn read_head(reader: &mut impl BufRead) -> Result<Option<(Head, Instant)>, String> {
-    let mut budget = MAX_HEAD;
-    let line = loop {
-        match read_line(reader, &mut budget)? {
-            None => return Ok(None),
-            Some(l) if l.is_empty() => continue, // tolerated CRLF between requests
-            Some(l) => break l,
-        }
-    };
-    let at = Instant::now();
-    let mut parts = line.split(' ');
-    let (Some(method), Some(url), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(format!("bad request line {line:?}"));
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Err(format!("unsupported version in {line:?}"));
-    }
-    let mut headers = Vec::new();
-    loop {
-        let l = read_line(reader, &mut budget)?.ok_or("connection closed in headers")?;
-        if l.is_empty() {
-            break;
-        }
-        let (k, v) = l
-            .split_once(':')
-            .ok_or_else(|| format!("bad header line {l:?}"))?;
-        headers.push((k.trim().to_string(), v.trim().to_string()));
-    }
-    let head = Head {
-        method: method.to_string(),
-        url: url.to_string(),
-        version: version.to_string(),
-        headers,
-    };
-    Ok(Some((head, at)))
-}
-
-fn read_body(reader: &mut impl BufRead, head: &Head) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    if head.has_token("Transfer-Encoding", "chunked") {
-        loop {
-            let mut budget = MAX_HEAD;
-            let line =
-                read_line(reader, &mut budget)?.ok_or("connection closed in chunked body")?;
-            let size = line.split(';').next().unwrap_or("").trim();
-            let size = usize::from_str_radix(size, 16)
-                .map_err(|_| format!("bad chunk size line {line:?}"))?;
-            if size == 0 {
-                // Trailers, up to the empty line.
-                while !read_line(reader, &mut budget)?
-                    .ok_or("connection closed in trailers")?
-                    .is_empty()
-                {}
-                return Ok(body);
-            }
-            let start = body.len();
-            body.resize(start + size, 0);
-            reader
-                .read_exact(&mut body[start..])
-                .map_err(|e| format!("reading a chunk: {e}"))?;
-            let end = read_line(reader, &mut budget)?.ok_or("connection closed after a chunk")?;
-            if !end.is_empty() {
-                return Err("chunk not followed by CRLF".to_string());
-            }
-        }
-    }
-    if let Some(len) = head.header("Content-Length") {
-        let len: usize = len
-            .parse()
-            .map_err(|_| format!("bad Content-Length {len:?}"))?;
-        body.resize(len, 0);
-        reader
-            .read_exact(&mut body)
-            .map_err(|e| format!("reading a {len}-byte body: {e}"))?;
-    }
-    Ok(body)
 }
 
 fn reason(status: u16) -> &'static str {

@@ -1,37 +1,52 @@
 //! Self-cleaning fixtures for the integration tests: real parts, never mocks.
 //!
-//! - [`NatsServer`]: a real `nats-server` with JetStream on ephemeral ports and its own store;
-//!   [`NatsCluster`]: several of them routed into one JetStream cluster.
-//! - [`FunctionServer`]: a real HTTP server playing a function (or a callback receiver).
-//! - [`TcpProxy`]: a TCP proxy between the worker and nats-server that cuts, refuses or
-//!   black-holes connections on demand while the server lives.
-//! - [`Worker`]: the `queue-worker` binary run with a cleared environment; [`run_cli`] for
-//!   one-shot commands.
-//! - [`wait_until`] / [`wait_for`]: deadline-based polling, never fixed sleeps.
-//! - NATS client helpers ([`connect`], [`publish_raw`], ...) and gateway message builders
-//!   ([`gateway_request`], [`with_callback`]).
+//! Declared here (every test file compiles them with `mod support;`):
+//! - `server.rs`: [`NatsServer`], a real `nats-server` with JetStream on ephemeral ports and
+//!   its own store.
+//! - `client.rs`: the test's own NATS connection ([`connect`], [`publish_raw`], ...).
+//! - `gateway.rs`: QueueRequests as the gateway publishes them ([`gateway_request`],
+//!   [`with_callback`], Go's `url.URL` object).
+//! - `function.rs`: [`FunctionServer`], a real HTTP server playing a function (or a callback
+//!   receiver).
+//! - `worker.rs`: [`Worker`], the `queue-worker` binary run with a cleared environment;
+//!   [`run_cli`] for one-shot commands.
+//! - here: [`wait_until`] / [`wait_for`] (deadline-based polling, never fixed sleeps), HTTP GET.
+//!
+//! Opt-in (not declared here: a test file that needs one compiles it itself with
+//! `#[path = "support/NAME.rs"] mod NAME;`, so the files that do not need it do not carry it):
+//! - `cluster.rs`: `NatsCluster`, nodes routed into one JetStream cluster (tests/chaos.rs).
+//! - `proxy.rs`: `TcpProxy`, a TCP proxy between the worker and nats-server that cuts, refuses
+//!   or black-holes connections while the server lives (tests/chaos.rs, tests/faults.rs).
+//! - `vectors.rs`: the gateway test vectors and Go's JSON encoding (tests/core.rs, and the unit
+//!   tests of src/request.rs).
 //!
 //! Every fixture is quiet on success; its panics carry the relevant log tail, and a `Worker` or
 //! `NatsServer` dropped while the test is panicking prints its log tail to the (captured) test
-//! output. Each test file compiles this module on its own, hence the `dead_code` allowance.
-#![allow(dead_code)]
+//! output.
+//!
+//! Dead code: each test file compiles this module on its own, so a helper that only some files
+//! use is dead code in the others. Such helpers carry `#[allow(dead_code)]` with the comment
+//! `// shared: not every test file uses it`; a helper no test file uses is removed. A new
+//! helper without the allowance is reported by the compiler (`cargo clippy --all-targets -- -D
+//! warnings`) in every file that does not use it: add the allowance once a second file, not
+//! all, uses it. Fixtures only one or two files use are opt-in modules (above) instead.
 #![allow(deprecated)]
 
-mod cluster;
+mod client;
 mod function;
-mod nats;
-mod proxy;
+mod gateway;
+mod server;
 mod worker;
 
 // A test file that uses only some fixtures must still build warning-free.
 #[allow(unused_imports)]
-pub use self::cluster::*;
+pub use self::client::*;
 #[allow(unused_imports)]
 pub use self::function::*;
 #[allow(unused_imports)]
-pub use self::nats::*;
+pub use self::gateway::*;
 #[allow(unused_imports)]
-pub use self::proxy::*;
+pub use self::server::*;
 #[allow(unused_imports)]
 pub use self::worker::*;
 
@@ -43,6 +58,7 @@ use std::time::{Duration, Instant};
 pub const POLL: Duration = Duration::from_millis(15);
 
 /// Polls `cond` every 15 ms until it holds; panics naming `what` once `deadline` has passed.
+#[allow(dead_code)] // shared: not every test file uses it
 pub fn wait_until(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     loop {
@@ -57,6 +73,7 @@ pub fn wait_until(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool
 }
 
 /// Polls `f` every 15 ms until it returns `Some`; panics naming `what` once `deadline` has passed.
+#[allow(dead_code)] // shared: not every test file uses it
 pub fn wait_for<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
@@ -102,12 +119,41 @@ pub fn http_get(url: &str) -> Result<(u16, String), String> {
     Ok((status, body))
 }
 
-/// A port that was free a moment ago (bound on 127.0.0.1:0, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
+/// A port on 127.0.0.1 that refuses connections while this value lives, for "connection
+/// refused" cases (a function, callback receiver or NATS server that is not there): a socket is
+/// bound to it and never listens, so the kernel answers every connect with a reset and no other
+/// process can take the port meanwhile. Displays as the port number.
+#[allow(dead_code)] // shared: not every test file uses it
+pub struct ClosedPort {
+    _socket: socket2::Socket,
+    port: u16,
+}
+
+impl std::fmt::Display for ClosedPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.port)
+    }
+}
+
+/// Binds a [`ClosedPort`] on 127.0.0.1 (an ephemeral port, not listening).
+#[allow(dead_code)] // shared: not every test file uses it
+pub fn closed_port() -> ClosedPort {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("creating a TCP socket");
+    let any: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
+    socket
+        .bind(&any.into())
+        .expect("binding a TCP socket on 127.0.0.1:0");
+    let port = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
         .map(|a| a.port())
-        .expect("binding 127.0.0.1:0 to find a free port")
+        .expect("the bound socket's port");
+    ClosedPort {
+        _socket: socket,
+        port,
+    }
 }
 
 /// The last `n` lines of `text`.

@@ -11,6 +11,9 @@
 //! Std only, no async: one accept thread, two pump threads per connection. Every thread polls
 //! its socket with a short read timeout, so mode changes and [`Drop`] take effect within
 //! [`PUMP_POLL`]. Drop closes the listener and every connection and joins every thread.
+//!
+//! Opt-in: a test file compiles it with `#[path = "support/proxy.rs"] mod proxy;` beside
+//! `mod support;` (tests/chaos.rs, tests/faults.rs).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -52,8 +55,6 @@ struct Shared {
     conns: Mutex<Vec<(u64, TcpStream, TcpStream)>>,
     pumps: Mutex<Vec<JoinHandle<()>>>,
     next_id: AtomicU64,
-    accepted: AtomicU64,
-    cuts: AtomicU64,
 }
 
 impl Shared {
@@ -89,8 +90,6 @@ impl TcpProxy {
             conns: Mutex::new(Vec::new()),
             pumps: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(0),
-            accepted: AtomicU64::new(0),
-            cuts: AtomicU64::new(0),
         });
         let acceptor = {
             let shared = shared.clone();
@@ -111,11 +110,6 @@ impl TcpProxy {
         TcpProxy::start(url.trim_start_matches("nats://"))
     }
 
-    /// The proxy's own address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     /// `nats://127.0.0.1:PORT` of the proxy, for the worker's `nats_address`.
     pub fn url(&self) -> String {
         format!("nats://{}", self.addr)
@@ -125,10 +119,6 @@ impl TcpProxy {
         self.shared.mode.store(mode as u8, Ordering::SeqCst);
     }
 
-    pub fn mode(&self) -> ProxyMode {
-        self.shared.mode()
-    }
-
     /// Closes every live connection at both ends; returns how many were cut.
     pub fn cut(&self) -> usize {
         let conns = std::mem::take(&mut *self.shared.conns.lock().unwrap());
@@ -136,25 +126,13 @@ impl TcpProxy {
             let _ = client.shutdown(Shutdown::Both);
             let _ = server.shutdown(Shutdown::Both);
         }
-        self.shared
-            .cuts
-            .fetch_add(conns.len() as u64, Ordering::SeqCst);
         conns.len()
     }
 
     /// Connections open now.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn live(&self) -> usize {
         self.shared.conns.lock().unwrap().len()
-    }
-
-    /// Connections forwarded since the start (refused ones not counted).
-    pub fn accepted(&self) -> u64 {
-        self.shared.accepted.load(Ordering::SeqCst)
-    }
-
-    /// Connections cut by [`TcpProxy::cut`] since the start.
-    pub fn cuts(&self) -> u64 {
-        self.shared.cuts.load(Ordering::SeqCst)
     }
 }
 
@@ -214,7 +192,6 @@ fn open(client: TcpStream, shared: &Arc<Shared>) -> io::Result<()> {
         .lock()
         .unwrap()
         .push((id, client.try_clone()?, server.try_clone()?));
-    shared.accepted.fetch_add(1, Ordering::SeqCst);
     let up = pump(id, client.try_clone()?, server.try_clone()?, shared.clone());
     let down = pump(id, server, client, shared.clone());
     let mut pumps = shared.pumps.lock().unwrap();

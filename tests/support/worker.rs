@@ -5,49 +5,33 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{file_tail, free_port, http_get, POLL};
+use super::{file_tail, http_get, POLL};
 
 /// The worker binary Cargo built for these tests.
 pub const WORKER_BIN: &str = env!("CARGO_BIN_EXE_queue-worker");
 const LOG_TAIL_LINES: usize = 40;
+/// What the worker logs once its metrics endpoint listens, followed by the bound address.
+#[allow(dead_code)] // shared: not every test file uses it
+const SERVING: &str = "serving /metrics, /healthz and /readyz on ";
+/// How long [`Worker::metrics_port`] waits for that line.
+#[allow(dead_code)] // shared: not every test file uses it
+const PORT_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How to run the worker: environment (cleared, then these) and arguments.
 #[derive(Clone, Debug)]
 pub struct WorkerBuilder {
     env: BTreeMap<String, String>,
-    args: Vec<String>,
-    auto_metrics_port: bool,
 }
 
 impl WorkerBuilder {
     /// Sets (or overrides) an environment variable.
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> WorkerBuilder {
-        let key = key.into();
-        if key == "metrics_port" {
-            self.auto_metrics_port = false;
-        }
-        self.env.insert(key, value.into());
-        self
-    }
-
-    /// Removes a variable, including a default one (nats_url, gateway_url, metrics_port,
-    /// log_encoding).
-    pub fn env_remove(mut self, key: &str) -> WorkerBuilder {
-        if key == "metrics_port" {
-            self.auto_metrics_port = false;
-        }
-        self.env.remove(key);
-        self
-    }
-
-    /// Adds a command-line argument.
-    pub fn arg(mut self, arg: impl Into<String>) -> WorkerBuilder {
-        self.args.push(arg.into());
+        self.env.insert(key.into(), value.into());
         self
     }
 
@@ -58,19 +42,21 @@ impl WorkerBuilder {
             .prefix("qw-worker-")
             .tempdir()
             .expect("creating a temp dir for the worker");
-        let mut env = self.env.clone();
-        if self.auto_metrics_port {
-            env.insert("metrics_port".into(), free_port().to_string());
+        let env = &self.env;
+        // A fixed port is known now; port 0 is learned from the log (see `metrics_port`).
+        let metrics_port = OnceLock::new();
+        let requested: Option<u16> = env.get("metrics_port").and_then(|p| p.parse().ok());
+        if let Some(port) = requested.filter(|&p| p != 0) {
+            let _ = metrics_port.set(port);
         }
-        let metrics_port = env.get("metrics_port").and_then(|p| p.parse().ok());
+        let learns_port = requested == Some(0);
         let stdout_path = dir.path().join("stdout.log");
         let stderr_path = dir.path().join("stderr.log");
         let stdout = File::create(&stdout_path).expect("creating the worker's stdout file");
         let stderr = File::create(&stderr_path).expect("creating the worker's stderr file");
         let child = Command::new(WORKER_BIN)
-            .args(&self.args)
             .env_clear()
-            .envs(&env)
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -79,9 +65,8 @@ impl WorkerBuilder {
         Worker {
             pid: child.id(),
             child: Mutex::new(child),
-            env,
             metrics_port,
-            stdout_path,
+            learns_port,
             stderr_path,
             reported: AtomicBool::new(false),
             _dir: dir,
@@ -94,9 +79,12 @@ impl WorkerBuilder {
 pub struct Worker {
     pid: u32,
     child: Mutex<Child>,
-    env: BTreeMap<String, String>,
-    metrics_port: Option<u16>,
-    stdout_path: PathBuf,
+    /// The metrics port: set at start when fixed, else once the worker logged it.
+    #[allow(dead_code)] // shared: not every test file uses it
+    metrics_port: OnceLock<u16>,
+    /// Started with `metrics_port=0`: the port is read from the log.
+    #[allow(dead_code)] // shared: not every test file uses it
+    learns_port: bool,
     stderr_path: PathBuf,
     /// A panic message already carried the log tail: Drop need not print it again.
     reported: AtomicBool,
@@ -104,22 +92,21 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A builder with env nats_url, gateway_url, log_encoding=json and metrics_port (a free
-    /// port picked at `start()`).
+    /// A builder with env nats_url, gateway_url, log_encoding=json and metrics_port=0 (the
+    /// worker binds an ephemeral port; [`Worker::metrics_port`] reads it from the log).
     pub fn builder(nats_url: impl Into<String>, gateway_url: impl Into<String>) -> WorkerBuilder {
         let mut env = BTreeMap::new();
         env.insert("nats_url".to_string(), nats_url.into());
         env.insert("gateway_url".to_string(), gateway_url.into());
         env.insert("log_encoding".to_string(), "json".to_string());
-        WorkerBuilder {
-            env,
-            args: Vec::new(),
-            auto_metrics_port: true,
-        }
+        // The worker binds an ephemeral port and logs it: no port is picked ahead (a race).
+        env.insert("metrics_port".to_string(), "0".to_string());
+        WorkerBuilder { env }
     }
 
     /// Starts a worker with `env` on top of the builder's and waits (10 s at most) until it is
     /// ready: the set-up most tests share.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn start_ready(
         nats_url: impl Into<String>,
         gateway_url: impl Into<String>,
@@ -135,41 +122,71 @@ impl Worker {
     }
 
     /// The process id.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn pid(&self) -> u32 {
         self.pid
     }
 
-    /// The environment the worker was started with.
-    pub fn env(&self) -> &BTreeMap<String, String> {
-        &self.env
-    }
-
-    /// The metrics port (panics if the worker was started without one).
+    /// The metrics port: the one it was given, or (with `metrics_port=0`, the default) the one
+    /// the worker logged binding, waiting 10 s at most for that line. Panics if the worker was
+    /// started without a numeric metrics_port, or exits or stays silent first.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn metrics_port(&self) -> u16 {
-        self.metrics_port
-            .unwrap_or_else(|| self.fail("the worker was started without a numeric metrics_port"))
+        self.metrics_port_within(PORT_DEADLINE)
     }
 
-    /// `http://127.0.0.1:METRICS_PORT`.
-    pub fn metrics_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.metrics_port())
+    #[allow(dead_code)] // shared: not every test file uses it
+    fn metrics_port_within(&self, deadline: Duration) -> u16 {
+        if let Some(&port) = self.metrics_port.get() {
+            return port;
+        }
+        if !self.learns_port {
+            self.fail("the worker was started without a numeric metrics_port");
+        }
+        let start = Instant::now();
+        loop {
+            if let Some(port) = self.logged_port() {
+                return *self.metrics_port.get_or_init(|| port);
+            }
+            if let Some(status) = self.try_status() {
+                self.fail(&format!("exited ({status}) before logging {SERVING:?}ADDR"));
+            }
+            if start.elapsed() >= deadline {
+                self.fail(&format!("no log line {SERVING:?}ADDR within {deadline:?}"));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// The port of the address in the worker's "serving /metrics ... on ADDR" line, if logged.
+    #[allow(dead_code)] // shared: not every test file uses it
+    fn logged_port(&self) -> Option<u16> {
+        let logs = self.logs();
+        let rest = logs.lines().find_map(|l| l.split_once(SERVING))?.1;
+        // The address ends the message: a quote follows it in JSON logs, the line end in console.
+        let addr = rest.split(|c: char| c == '"' || c.is_whitespace()).next()?;
+        addr.rsplit_once(':')?.1.parse().ok()
     }
 
     /// The exit status if the process has exited (non-blocking).
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn try_status(&self) -> Option<ExitStatus> {
         self.child.lock().unwrap().try_wait().ok().flatten()
     }
 
     /// Whether the process still runs.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn is_running(&self) -> bool {
         self.try_status().is_none()
     }
 
     /// Waits until GET /readyz answers 200; panics with the log tail if the process exits or
     /// `deadline` passes first.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn wait_ready(&self, deadline: Duration) {
-        let url = format!("{}/readyz", self.metrics_url());
         let start = Instant::now();
+        let port = self.metrics_port_within(deadline);
+        let url = format!("http://127.0.0.1:{port}/readyz");
         loop {
             let last = match http_get(&url) {
                 Ok((200, _)) => return,
@@ -191,16 +208,29 @@ impl Worker {
     }
 
     /// HTTP GET `path` on the metrics port: (status, body); panics on transport errors.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn get(&self, path: &str) -> (u16, String) {
         self.try_get(path).unwrap_or_else(|e| self.fail(&e))
     }
 
-    /// HTTP GET `path` on the metrics port: `Err` on transport errors (e.g. not listening yet).
+    /// HTTP GET `path` on the metrics port: `Err` on transport errors (e.g. not listening yet,
+    /// or its port not logged yet: this never waits for it).
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn try_get(&self, path: &str) -> Result<(u16, String), String> {
-        http_get(&format!("{}{path}", self.metrics_url()))
+        let port = match self.metrics_port.get() {
+            Some(&port) => port,
+            None => self
+                .learns_port
+                .then(|| self.logged_port())
+                .flatten()
+                .map(|port| *self.metrics_port.get_or_init(|| port))
+                .ok_or_else(|| "the worker has not logged its metrics port yet".to_string())?,
+        };
+        http_get(&format!("http://127.0.0.1:{port}{path}"))
     }
 
     /// The body of GET /metrics (panics unless 200).
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn metrics(&self) -> String {
         match self.get("/metrics") {
             (200, body) => body,
@@ -210,11 +240,13 @@ impl Worker {
 
     /// The value of the series whose name-and-labels part is exactly `series`, e.g.
     /// `queue_worker_messages_processed_total{queue_name="faas-request"}`.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn metric(&self, series: &str) -> Option<f64> {
         parse_metric(&self.metrics(), series)
     }
 
     /// Waits until `series` exists and `cond(value)` holds; returns the value.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn wait_metric(&self, series: &str, deadline: Duration, cond: impl Fn(f64) -> bool) -> f64 {
         let start = Instant::now();
         loop {
@@ -241,11 +273,6 @@ impl Worker {
         String::from_utf8_lossy(&std::fs::read(&self.stderr_path).unwrap_or_default()).into_owned()
     }
 
-    /// Everything the worker wrote to stdout so far.
-    pub fn stdout(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.stdout_path).unwrap_or_default()).into_owned()
-    }
-
     /// The last 40 lines of stderr.
     pub fn log_tail(&self) -> String {
         file_tail(&self.stderr_path, LOG_TAIL_LINES)
@@ -253,6 +280,7 @@ impl Worker {
 
     /// Every complete non-empty stderr line parsed as JSON (a trailing partial line is skipped
     /// while the process runs); panics with the offending line if one does not parse.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn log_lines_json(&self) -> Vec<Value> {
         let running = self.is_running();
         let logs = self.logs();
@@ -275,6 +303,7 @@ impl Worker {
     }
 
     /// Waits until stderr contains `substring`; returns the first line containing it.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn wait_log(&self, substring: &str, deadline: Duration) -> String {
         let start = Instant::now();
         loop {
@@ -292,6 +321,7 @@ impl Worker {
 
     /// Sends a signal by name ("TERM", "INT", "KILL", ...) with `kill`; panics if the process
     /// has already exited.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn signal(&self, sig: &str) {
         if let Some(status) = self.try_status() {
             self.fail(&format!("cannot send SIG{sig}: already exited ({status})"));
@@ -309,6 +339,7 @@ impl Worker {
     }
 
     /// Waits for the process to exit; panics with the log tail when `deadline` passes.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn wait_exit(&self, deadline: Duration) -> ExitStatus {
         let start = Instant::now();
         loop {
@@ -322,6 +353,7 @@ impl Worker {
         }
     }
 
+    #[allow(dead_code)] // shared: not every test file uses it
     fn fail(&self, msg: &str) -> ! {
         self.reported.store(true, Ordering::SeqCst);
         panic!(
@@ -350,6 +382,7 @@ impl Drop for Worker {
 }
 
 /// The value of the Prometheus text line whose series part equals `series` exactly.
+#[allow(dead_code)] // shared: not every test file uses it
 pub fn parse_metric(text: &str, series: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         let rest = l.strip_prefix(series)?;
@@ -366,11 +399,13 @@ pub fn parse_metric(text: &str, series: &str) -> Option<f64> {
 
 /// Runs the worker binary once (`publish ...`, `status`, `--help`) with a cleared environment
 /// plus `env`; kills it and panics if it runs longer than 60 s.
+#[allow(dead_code)] // shared: not every test file uses it
 pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> Output {
     run_cli_with(args, env, None, Duration::from_secs(60))
 }
 
 /// Like [`run_cli`], with optional standard input and a deadline.
+#[allow(dead_code)] // shared: not every test file uses it
 pub fn run_cli_with(
     args: &[&str],
     env: &[(&str, &str)],

@@ -1,13 +1,12 @@
-//! A real `nats-server` with JetStream, NATS client helpers, and OpenFaaS gateway messages.
+//! A real `nats-server` with JetStream: the [`NatsServer`] fixture.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::{file_tail, http_get, POLL};
 
@@ -19,6 +18,7 @@ pub const NATS_SERVER_INSTALL_HINT: &str = "nats-server not found: run scripts/t
 /// How long a (re)start may take before the fixture gives up.
 const START_DEADLINE: Duration = Duration::from_secs(10);
 /// How long `stop()` waits after SIGTERM before it sends SIGKILL.
+#[allow(dead_code)] // shared: not every test file uses it
 const STOP_DEADLINE: Duration = Duration::from_secs(10);
 const LOG_TAIL_LINES: usize = 40;
 
@@ -56,13 +56,8 @@ impl NatsServer {
             .unwrap_or_else(|| panic!("{NATS_SERVER_INSTALL_HINT}"))
     }
 
-    /// The server's version as printed by `nats-server --version`, without the prefix
-    /// (e.g. "2.9.10").
-    pub fn version() -> String {
-        Self::version_of(&Self::binary())
-    }
-
     /// The version of the nats-server binary `bin` (e.g. "2.9.10").
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn version_of(bin: &Path) -> String {
         let out = Command::new(bin)
             .arg("--version")
@@ -114,6 +109,7 @@ impl NatsServer {
     /// Like [`NatsServer::start`], with a configuration file of this text (written into the
     /// server's temp dir and passed with `-c`; the command line still sets ports and store).
     /// For auth and TLS blocks, e.g. `authorization { token: "t" }`.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn start_with_config(config: &str) -> NatsServer {
         let bin = Self::binary();
         let dir = tempfile::Builder::new()
@@ -141,6 +137,7 @@ impl NatsServer {
     }
 
     /// The client port.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -160,25 +157,13 @@ impl NatsServer {
         self.dir.path().join("nats-server.log")
     }
 
-    /// The running server's pid, if it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    /// Whether the server process is still running.
-    pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
-        }
-    }
-
     /// The last 40 lines of the server log.
     pub fn log_tail(&self) -> String {
         file_tail(&self.log_path(), LOG_TAIL_LINES)
     }
 
     /// Graceful stop: SIGTERM, then waits (SIGKILL after 10 s). A no-op if it is not running.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
@@ -204,6 +189,7 @@ impl NatsServer {
     }
 
     /// Crash: SIGKILL and reap. A no-op if it is not running.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -213,6 +199,7 @@ impl NatsServer {
 
     /// Starts the server again on the same client and monitor ports with the same store dir
     /// (stopping it gracefully first if it still runs); waits for `/healthz`.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn restart(&mut self) {
         self.stop();
         let ports = (self.port, self.monitor_port);
@@ -220,6 +207,7 @@ impl NatsServer {
     }
 
     /// `GET /jsz?consumers=true&config=true`, parsed.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn jsz(&self) -> Value {
         let url = format!("{}/jsz?consumers=true&config=true", self.monitor_url());
         match http_get(&url) {
@@ -232,6 +220,7 @@ impl NatsServer {
 
     /// The `/jsz` detail of consumer `durable` on `stream` (has `num_pending`,
     /// `num_ack_pending`, `num_waiting`, `num_redelivered`, `config`, ...), if it exists.
+    #[allow(dead_code)] // shared: not every test file uses it
     pub fn jsz_consumer(&self, stream: &str, durable: &str) -> Option<Value> {
         let jsz = self.jsz();
         let accounts = jsz["account_details"].as_array()?;
@@ -373,148 +362,4 @@ fn read_ports_file(dir: &Path, pid: u32) -> Option<(u16, u16)> {
         })
     };
     Some((port_of("nats")?, port_of("monitoring")?))
-}
-
-// ---------------------------------------------------------------------------------------------
-// NATS client helpers
-
-/// Connects to `url` with no delay before the first attempt, quick reconnects (at most 500 ms
-/// apart) and no reconnect limit; panics if the server cannot be reached.
-pub fn connect(url: &str) -> ::nats::Connection {
-    ::nats::Options::new()
-        .with_name("queue-worker-tests")
-        .max_reconnects(None)
-        .reconnect_delay_callback(|n| {
-            if n == 0 {
-                Duration::ZERO
-            } else {
-                Duration::from_millis((n as u64).saturating_mul(25).min(500))
-            }
-        })
-        .connect(url)
-        .unwrap_or_else(|e| panic!("connecting to NATS at {url}: {e}"))
-}
-
-/// A JetStream context on `nc`.
-pub fn jetstream(nc: &::nats::Connection) -> ::nats::jetstream::JetStream {
-    ::nats::jetstream::new(nc.clone())
-}
-
-/// Publishes `data` to `subject` through JetStream and waits (5 s at most) for the PubAck.
-pub fn publish_raw(
-    nc: &::nats::Connection,
-    subject: &str,
-    data: &[u8],
-) -> ::nats::jetstream::PublishAck {
-    let opts = ::nats::jetstream::PublishOptions {
-        timeout: Some(Duration::from_secs(5)),
-        ..Default::default()
-    };
-    jetstream(nc)
-        .publish_with_options(subject, data, &opts)
-        .unwrap_or_else(|e| {
-            panic!(
-                "JetStream publish to {subject:?} ({} bytes): {e}",
-                data.len()
-            )
-        })
-}
-
-/// Publishes `msg` serialized as JSON, like [`publish_raw`].
-pub fn publish_json(
-    nc: &::nats::Connection,
-    subject: &str,
-    msg: &Value,
-) -> ::nats::jetstream::PublishAck {
-    publish_raw(
-        nc,
-        subject,
-        &serde_json::to_vec(msg).expect("serializing a JSON message"),
-    )
-}
-
-/// How many messages `stream` holds now.
-pub fn stream_messages(nc: &::nats::Connection, stream: &str) -> u64 {
-    jetstream(nc)
-        .stream_info(stream)
-        .unwrap_or_else(|e| panic!("stream info of {stream:?}: {e}"))
-        .state
-        .messages
-}
-
-/// The server's view of consumer `durable` on `stream`.
-pub fn consumer_info(
-    nc: &::nats::Connection,
-    stream: &str,
-    durable: &str,
-) -> ::nats::jetstream::ConsumerInfo {
-    jetstream(nc)
-        .consumer_info(stream, durable)
-        .unwrap_or_else(|e| panic!("consumer info of {stream:?}/{durable:?}: {e}"))
-}
-
-// ---------------------------------------------------------------------------------------------
-// OpenFaaS gateway messages
-
-fn now_nanos() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
-}
-
-/// A fresh, unique, UUID-shaped call id (like the gateway's X-Call-Id).
-pub fn new_call_id() -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let n = N.fetch_add(1, Ordering::SeqCst);
-    let t = now_nanos() as u64;
-    let pid = u64::from(std::process::id());
-    format!(
-        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-        (t >> 32) as u32,
-        (t >> 16) & 0xffff,
-        (t >> 4) & 0xfff,
-        pid & 0xfff,
-        ((pid & 0xffff) << 32 | (n & 0xffff_ffff)) & 0xffff_ffff_ffff
-    )
-}
-
-/// A QueueRequest as the OpenFaaS gateway publishes it for `POST /async-function/<function>`:
-/// Header (with a fresh X-Call-Id and X-Start-Time), Host, Body (standard base64), Method
-/// "POST", empty Path, QueryString and QueueName, CallbackUrl null.
-pub fn gateway_request(function: &str, body: &[u8]) -> Value {
-    json!({
-        "Header": {
-            "X-Call-Id": [new_call_id()],
-            "X-Start-Time": [now_nanos().to_string()],
-        },
-        "Host": "127.0.0.1:8080",
-        "Body": base64::engine::general_purpose::STANDARD.encode(body),
-        "Method": "POST",
-        "Path": "",
-        "QueryString": "",
-        "Function": function,
-        "QueueName": "",
-        "CallbackUrl": Value::Null,
-    })
-}
-
-/// `req` with a callback: CallbackUrl as Go's url.URL object parsed from `url`, and the
-/// "X-Callback-Url" header.
-pub fn with_callback(mut req: Value, url: &str) -> Value {
-    req["CallbackUrl"] = go_url(url);
-    if !req["Header"].is_object() {
-        req["Header"] = json!({});
-    }
-    req["Header"]["X-Callback-Url"] = json!([url]);
-    req
-}
-
-/// `url` ("scheme://[user@]host[/path][?query][#fragment]") as Go's encoding/json writes a
-/// parsed `*url.URL` (Path unescaped, RawPath only when needed, like `url.Parse`).
-pub fn go_url(url: &str) -> Value {
-    // One implementation with the worker's: url.Parse's Path/RawPath and Fragment/RawFragment.
-    let parsed = queue_worker::request::GoUrl::parse(url)
-        .unwrap_or_else(|| panic!("go_url: {url:?} is not a URL Go would parse"));
-    serde_json::to_value(parsed).expect("a GoUrl serializes")
 }
