@@ -34,10 +34,10 @@
 //!
 //! Swapping the client library means rewriting these files, and more outside `src/`, which
 //! uses the `nats` crate directly (nothing else in `src/` names it):
-//! - `tests/support/nats.rs`: the server fixture's client side (`connect`, `jetstream`,
-//!   publishing, reading streams and consumers), whose `nats::Connection` and
+//! - `tests/support/client.rs`: the tests' own connection to the server fixture (`connect`,
+//!   `jetstream`, publishing, reading streams and consumers), whose `nats::Connection` and
 //!   `nats::jetstream` types every integration test that calls it then holds (`faults.rs`
-//!   among them);
+//!   among them; the server fixture itself, `tests/support/server.rs`, runs the binary only);
 //! - `tests/support/cluster.rs`: the three-node cluster fixture (consumer leader step-down);
 //! - the chaos suite, `tests/chaos.rs` (run by `scripts/chaos.sh`), with connections of its own;
 //! - tests that build streams and consumers with the crate's config types: `tests/core.rs`,
