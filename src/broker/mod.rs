@@ -27,17 +27,18 @@
 //! `fetch()` (without `expires` it can block forever), an explicit flush after every pull
 //! request (the client otherwise holds it up to 5 ms), no random delay before the first
 //! connect, unlimited reconnects, and status replies (404, 408, 409) that arrive as messages
-//! without a reply subject. Nothing here waits for the server without a deadline of its own: the crate's flush
-//! waits for a PONG forever and its close joins a reconnect thread that never ends, so pullers
-//! only ask the flusher thread to flush, and [`Broker::shutdown`] runs the last flush and the
-//! close on helper threads it stops waiting for at its deadline.
+//! without a reply subject. Nothing here waits for the server without a deadline of its own:
+//! the crate's flush waits for a PONG forever and its close joins a reconnect thread that never
+//! ends, so pullers only ask the flusher thread to flush, and [`Broker::shutdown`] runs the
+//! last flush and the close on helper threads it stops waiting for at its deadline.
 //!
 //! Swapping the client library means rewriting these files, and more outside `src/`, which
 //! uses the `nats` crate directly (nothing else in `src/` names it):
 //! - `tests/support/client.rs`: the tests' own connection to the server fixture (`connect`,
 //!   `jetstream`, publishing, reading streams and consumers), whose `nats::Connection` and
 //!   `nats::jetstream` types every integration test that calls it then holds (`faults.rs`
-//!   among them; the server fixture, `tests/support/server.rs`, starts nats-server without a client);
+//!   among them; the server fixture, `tests/support/server.rs`, starts nats-server and needs
+//!   no client);
 //! - `tests/support/cluster.rs`: the three-node cluster fixture (consumer leader step-down);
 //! - the chaos suite, `tests/chaos.rs` (run by `scripts/chaos.sh`), with connections of its own;
 //! - tests that build streams and consumers with the crate's config types: `tests/core.rs`,
