@@ -64,7 +64,7 @@ pub fn publish(config: &Config, args: &PublishArgs) -> Result<(), Error> {
     })?;
     let broker = Broker::connect_once(config.into(), None)?;
     // The stream, never the consumer: that is the worker's, with the worker's settings.
-    let (_, warnings) = broker.ensure_stream(&QueueSpec::from(config))?;
+    let (_, warnings) = broker.provision_stream(&QueueSpec::from(config))?;
     for warning in warnings {
         log::warn!("{warning}");
     }

@@ -1,5 +1,5 @@
-//! The monitor thread, which re-creates a lost stream or consumer and wakes the pullers after a
-//! reconnect, and the reader of the queue gauges at scrape time.
+//! The monitor thread, which re-creates a lost stream or consumer, and the reader of the queue
+//! gauges at scrape time.
 
 use std::io;
 use std::sync::Arc;
@@ -22,13 +22,12 @@ pub(crate) fn spawn(
     spec: &QueueSpec,
     health: &Arc<Health>,
     stop: Receiver<()>,
-    reconnected: Receiver<()>,
 ) -> io::Result<JoinHandle<()>> {
     let (broker, health, spec) = (broker.clone(), health.clone(), spec.clone());
     thread::Builder::new()
         .name("monitor".into())
         .stack_size(256 * 1024)
-        .spawn(move || run(&broker, &spec, &health, &stop, &reconnected))
+        .spawn(move || run(&broker, &spec, &health, &stop))
 }
 
 /// Reads the queue gauges for a scrape: from the server while connected, else nothing (the
@@ -62,20 +61,13 @@ pub(crate) fn queue_reader(
     })
 }
 
-/// Re-creates a lost stream or consumer (checked every few seconds), and wakes the pullers
-/// after a reconnect so they pull again at once. The queue gauges are read at scrape time.
-fn run(
-    broker: &Broker,
-    spec: &QueueSpec,
-    health: &Health,
-    stop: &Receiver<()>,
-    reconnected: &Receiver<()>,
-) {
+/// Re-creates a lost stream or consumer (checked every few seconds). The queue gauges are read
+/// at scrape time.
+fn run(broker: &Broker, spec: &QueueSpec, health: &Health, stop: &Receiver<()>) {
     let mut healthy = true;
     loop {
         crossbeam_channel::select! {
             recv(stop) -> _ => return,
-            recv(reconnected) -> _ => broker.wake_pullers(),
             default(MONITOR_EVERY) => {}
         }
         if !health.connected() {
@@ -85,7 +77,7 @@ fn run(
             Ok(true) => healthy = true,
             Ok(false) => {
                 health.set_bound(false);
-                match broker.ensure(spec) {
+                match broker.provision(spec) {
                     Ok(_) => {
                         log::warn!("the stream or consumer was gone and has been re-created");
                         health.set_bound(true);

@@ -60,11 +60,9 @@ fn connect_work_drain(
     started: Instant,
 ) -> Result<(), Error> {
     let (fatal_tx, fatal_rx) = crossbeam_channel::bounded::<String>(4);
-    let (reconnect_tx, reconnect_rx) = crossbeam_channel::bounded(1);
     let events = Arc::new(Events {
         health: health.clone(),
         metrics: metrics.clone(),
-        reconnected: reconnect_tx,
         fatal: fatal_tx.clone(),
     });
     let stop_requested = |wait: Duration| shutdown.recv_timeout(wait).is_ok();
@@ -84,7 +82,7 @@ fn connect_work_drain(
     );
 
     let mut spec = QueueSpec::from(config);
-    let bound = broker.ensure(&spec)?;
+    let bound = broker.provision(&spec)?;
     spec.stream = bound.stream.clone();
     for warning in &bound.warnings {
         log::warn!("{warning}");
@@ -144,7 +142,7 @@ fn connect_work_drain(
         workers.extend(spawned.ok());
     }
     let (monitor_stop_tx, monitor_stop_rx) = crossbeam_channel::bounded::<()>(1);
-    let spawned = monitor::spawn(&broker, &spec, health, monitor_stop_rx, reconnect_rx);
+    let spawned = monitor::spawn(&broker, &spec, health, monitor_stop_rx);
     let monitor = match spawned {
         Ok(m) => m,
         Err(e) => {
@@ -222,7 +220,7 @@ fn connect_work_drain(
 /// Makes sure a stream stores dead letters before any message can be given up, and says
 /// which one does.
 fn ensure_dead_letters(broker: &Broker, subject: &str, spec: &QueueSpec) -> Result<(), Error> {
-    let stream = broker.ensure_dead_letters(subject, spec)?;
+    let stream = broker.provision_dead_letters(subject, spec)?;
     if stream.created {
         log::info!(
             "created stream {} for dead letters on {subject} (file storage, {} replica(s), kept {} days)",
@@ -264,7 +262,6 @@ impl From<&Config> for QueueSpec {
 struct Events {
     health: Arc<Health>,
     metrics: Arc<Metrics>,
-    reconnected: Sender<()>,
     fatal: Sender<String>,
 }
 
@@ -279,7 +276,6 @@ impl ConnectionEvents for Events {
     fn reconnected(&self) {
         self.health.set_connected(true);
         self.metrics.reconnects.inc();
-        let _ = self.reconnected.try_send(());
         log::info!("reconnected to NATS");
     }
 

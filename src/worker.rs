@@ -320,7 +320,7 @@ impl Worker<'_> {
             let acked = if cx.stop.load(Ordering::SeqCst) {
                 ack.ack()
             } else {
-                puller.ack_next(&ack)
+                puller.ack_and_request_next(&ack)
             };
             if let Err(e) = acked {
                 log::warn!(stream_seq = job.stream_seq; "ack failed: {e}; the message will be redelivered");

@@ -1,0 +1,180 @@
+//! Acks: what a delivered message carries ([`Delivery`]), how it is acknowledged
+//! ([`AckHandle`]), and the ledger that tells at shutdown whether every ack reached the server.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nats::jetstream::AckKind;
+
+/// A message taken from the consumer, with its metadata.
+pub(crate) struct Delivery {
+    pub data: Vec<u8>,
+    pub ack: AckHandle,
+    /// Sequence in the stream (0 if unknown).
+    pub stream_seq: u64,
+    /// How many times the server has delivered it, this time included.
+    pub delivered: u32,
+}
+
+impl Delivery {
+    pub(super) fn new(mut msg: nats::Message, ledger: &Arc<AckLedger>) -> Delivery {
+        let data = std::mem::take(&mut msg.data);
+        let (stream_seq, delivered) = msg
+            .reply
+            .as_deref()
+            .and_then(parse_ack_subject)
+            .unwrap_or((0, 1));
+        Delivery {
+            data,
+            ack: AckHandle(msg, ledger.clone()),
+            stream_seq,
+            delivered,
+        }
+    }
+}
+
+/// Parses `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>`
+/// and the newer form with domain and account hash before the stream.
+pub(super) fn parse_ack_subject(reply: &str) -> Option<(u64, u32)> {
+    let rest = reply.strip_prefix("$JS.ACK.")?;
+    // Read on every delivery: the first six tokens are enough, so nothing is collected.
+    let mut tokens = [""; 6];
+    let mut count = 0;
+    for token in rest.split('.') {
+        if let Some(slot) = tokens.get_mut(count) {
+            *slot = token;
+        }
+        count += 1;
+    }
+    let offset = match count {
+        7 => 0,
+        n if n >= 9 => 2,
+        _ => return None,
+    };
+    let delivered = tokens[offset + 2].parse().ok()?;
+    let stream_seq = tokens[offset + 3].parse().ok()?;
+    Some((stream_seq, delivered))
+}
+
+/// Acknowledges one delivered message; cheap to clone (no payload).
+#[derive(Clone)]
+pub struct AckHandle(nats::Message, Arc<AckLedger>);
+
+impl AckHandle {
+    /// The subject an ack of this message goes to.
+    pub(super) fn ack_subject(&self) -> Option<&str> {
+        self.0.reply.as_deref()
+    }
+
+    /// Done: the server forgets the message.
+    pub(crate) fn ack(&self) -> io::Result<()> {
+        self.1.record(self.0.ack())
+    }
+
+    /// Still working on it: restarts the ack wait.
+    pub(crate) fn progress(&self) -> io::Result<()> {
+        self.0.ack_kind(AckKind::Progress)
+    }
+
+    /// Hand it back for redelivery, now or after `delay`.
+    pub(crate) fn nak(&self, delay: Duration) -> io::Result<()> {
+        self.1.record(if delay.is_zero() {
+            self.0.ack_kind(AckKind::Nak)
+        } else {
+            self.0
+                .respond(format!("-NAK {{\"delay\":{}}}", delay.as_nanos()))
+        })
+    }
+
+    /// Never deliver it again.
+    pub(crate) fn term(&self) -> io::Result<()> {
+        self.1.record(self.0.ack_kind(AckKind::Term))
+    }
+}
+
+/// Acks, hand-backs and terminations written to the client, and how many of them the server
+/// has confirmed (a PONG after them): at shutdown, whether everything reached the server.
+/// In-progress acks are not counted; a lost one only costs a redelivery of work that ends
+/// being acked or handed back anyway.
+#[derive(Default)]
+pub(super) struct AckLedger {
+    written: AtomicU64,
+    confirmed: AtomicU64,
+    /// An ack could not even be written: its message is redelivered.
+    failed: AtomicBool,
+}
+
+impl AckLedger {
+    /// Counts an ack after it was written (so that a later flush's PING follows it).
+    pub(super) fn record<T>(&self, result: io::Result<T>) -> io::Result<T> {
+        match &result {
+            Ok(_) => {
+                self.written.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(_) => self.failed.store(true, Ordering::SeqCst),
+        }
+        result
+    }
+
+    /// Take before a flush; pass to [`AckLedger::confirm`] once it succeeded.
+    pub(super) fn mark(&self) -> u64 {
+        self.written.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn confirm(&self, mark: u64) {
+        self.confirmed.fetch_max(mark, Ordering::SeqCst);
+    }
+
+    pub(super) fn all_confirmed(&self) -> bool {
+        !self.failed.load(Ordering::SeqCst)
+            && self.confirmed.load(Ordering::SeqCst) >= self.written.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_ack_subject_forms() {
+        assert_eq!(
+            parse_ack_subject("$JS.ACK.faas-request.faas-workers.3.42.40.1700000000000000000.7"),
+            Some((42, 3))
+        );
+        assert_eq!(
+            parse_ack_subject(
+                "$JS.ACK.hub.ACCHASH.faas-request.faas-workers.1.9.9.1700000000000000000.0.tok"
+            ),
+            Some((9, 1))
+        );
+        assert_eq!(parse_ack_subject("_INBOX.x"), None);
+        assert_eq!(parse_ack_subject("$JS.ACK.a.b.c"), None);
+    }
+
+    #[test]
+    fn the_ack_ledger_confirms_only_what_a_flush_followed() {
+        let ledger = AckLedger::default();
+        assert!(
+            ledger.all_confirmed(),
+            "nothing written, nothing to confirm"
+        );
+        ledger.record(Ok(())).unwrap();
+        ledger.record(Ok(())).unwrap();
+        let mark = ledger.mark();
+        ledger.record(Ok(())).unwrap();
+        ledger.confirm(mark);
+        assert!(
+            !ledger.all_confirmed(),
+            "the third came after the flush began"
+        );
+        ledger.confirm(ledger.mark());
+        assert!(ledger.all_confirmed());
+        // An older flush finishing late does not take confirmation back.
+        ledger.confirm(mark);
+        assert!(ledger.all_confirmed());
+        let _ = ledger.record::<()>(Err(io::Error::other("disconnected")));
+        assert!(!ledger.all_confirmed(), "an ack that was never written");
+    }
+}
