@@ -313,7 +313,7 @@ impl Request {
         gourl::escape_into(&mut p, &self.path, Mode::Path);
         if !self.query.is_empty() {
             p.push('?');
-            p.push_str(&self.query);
+            gourl::escape_query_into(&mut p, &self.query);
         }
         p
     }

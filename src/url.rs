@@ -53,6 +53,21 @@ pub(crate) fn escape(s: &str, mode: Mode) -> String {
     out
 }
 
+/// Appends a queued `QueryString` as a request line can carry it: printable ASCII as queued
+/// (`%` escapes included; `#` is refused earlier), a space, a control byte or a non-ASCII byte
+/// as `%XX`, so the request line stays one line of three parts.
+pub(crate) fn escape_query_into(out: &mut String, query: &str) {
+    for &c in query.as_bytes() {
+        if c.is_ascii_graphic() {
+            out.push(c as char);
+        } else {
+            out.push('%');
+            out.push(char::from(b"0123456789ABCDEF"[usize::from(c >> 4)]));
+            out.push(char::from(b"0123456789ABCDEF"[usize::from(c & 15)]));
+        }
+    }
+}
+
 fn hex(c: u8) -> Option<u8> {
     match c {
         b'0'..=b'9' => Some(c - b'0'),
@@ -315,6 +330,19 @@ mod tests {
         for bad in ["a=1#x", "a\r\n", "a\0"] {
             assert_eq!(check_query(bad), Err(UrlError::BadQuery), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn queries_are_sent_as_queued_unless_a_request_line_cannot_carry_them() {
+        let q = |s: &str| {
+            let mut out = String::new();
+            escape_query_into(&mut out, s);
+            out
+        };
+        assert_eq!(q("a=1&b=%2F&c=x:y/z?w"), "a=1&b=%2F&c=x:y/z?w");
+        assert_eq!(q("a b"), "a%20b");
+        assert_eq!(q("q=ü"), "q=%C3%BC");
+        assert_eq!(q("x=<\"\t>"), "x=<\"%09>");
     }
 
     #[test]
