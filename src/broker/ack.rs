@@ -1,9 +1,10 @@
 //! Acks: what a delivered message carries ([`Delivery`]), how it is acknowledged
 //! ([`AckHandle`]), and the ledger that tells at shutdown whether every ack reached the server.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nats::jetstream::AckKind;
@@ -70,7 +71,7 @@ impl AckHandle {
 
     /// Done: the server forgets the message.
     pub(crate) fn ack(&self) -> io::Result<()> {
-        self.1.record(self.0.ack())
+        self.1.record_final(self.ack_subject(), ACK, self.0.ack())
     }
 
     /// Still working on it: restarts the ack wait.
@@ -90,7 +91,8 @@ impl AckHandle {
 
     /// Never deliver it again.
     pub(crate) fn term(&self) -> io::Result<()> {
-        self.1.record(self.0.ack_kind(AckKind::Term))
+        self.1
+            .record_final(self.ack_subject(), TERM, self.0.ack_kind(AckKind::Term))
     }
 }
 
@@ -98,13 +100,30 @@ impl AckHandle {
 /// has confirmed (a PONG after them): at shutdown, whether everything reached the server.
 /// In-progress acks are not counted; a lost one only costs a redelivery of work that ends
 /// being acked or handed back anyway.
+///
+/// It also keeps the final acks (ack, terminate) that no flush has confirmed yet, and sends
+/// them again after a reconnect: an ack written just before the connection dropped may never
+/// have reached the server, which would then run the message a second time after its ack
+/// wait. Acks are idempotent, so sending one twice costs nothing.
 #[derive(Default)]
 pub(super) struct AckLedger {
     written: AtomicU64,
     confirmed: AtomicU64,
     /// An ack could not even be written: its message is redelivered.
     failed: AtomicBool,
+    /// Final acks not confirmed yet: (their count in `written`, ack subject, body).
+    unconfirmed: Mutex<VecDeque<(u64, String, &'static [u8])>>,
+    /// Set by a reconnect: the flusher sends `unconfirmed` again before its next flush.
+    resend: AtomicBool,
 }
+
+/// The body of an ack; [`Puller::ack_and_request_next`](super::Puller::ack_and_request_next)'s
+/// `+NXT` is sent again as this, never as another pull request.
+pub(super) const ACK: &[u8] = b"+ACK";
+const TERM: &[u8] = b"+TERM";
+
+/// Final acks kept for a resend at most: beyond, the oldest are only redelivered later.
+const UNCONFIRMED_KEPT: usize = 4096;
 
 impl AckLedger {
     /// Counts an ack after it was written (so that a later flush's PING follows it).
@@ -118,6 +137,49 @@ impl AckLedger {
         result
     }
 
+    /// Like [`AckLedger::record`] for a final ack to `subject`, kept until a flush confirms it.
+    pub(super) fn record_final<T>(
+        &self,
+        subject: Option<&str>,
+        body: &'static [u8],
+        result: io::Result<T>,
+    ) -> io::Result<T> {
+        match (&result, subject) {
+            (Ok(_), Some(subject)) => {
+                let mut kept = crate::sync::lock(&self.unconfirmed);
+                let n = self.written.fetch_add(1, Ordering::SeqCst) + 1;
+                if kept.len() == UNCONFIRMED_KEPT {
+                    kept.pop_front();
+                }
+                kept.push_back((n, subject.to_string(), body));
+                result
+            }
+            _ => self.record(result),
+        }
+    }
+
+    /// After a reconnect: the next flush first sends the unconfirmed final acks again.
+    pub(super) fn reconnected(&self) {
+        self.resend.store(true, Ordering::SeqCst);
+    }
+
+    /// Sends the unconfirmed final acks again if a reconnect asked for it (flusher thread).
+    pub(super) fn resend_after_reconnect(&self, nc: &nats::Connection) {
+        if !self.resend.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let again: Vec<(String, &'static [u8])> = crate::sync::lock(&self.unconfirmed)
+            .iter()
+            .map(|(_, subject, body)| (subject.clone(), *body))
+            .collect();
+        if !again.is_empty() {
+            log::info!("sending {} ack(s) again after the reconnect", again.len());
+        }
+        for (subject, body) in again {
+            let _ = nc.publish(&subject, body);
+        }
+    }
+
     /// Take before a flush; pass to [`AckLedger::confirm`] once it succeeded.
     pub(super) fn mark(&self) -> u64 {
         self.written.load(Ordering::SeqCst)
@@ -125,6 +187,10 @@ impl AckLedger {
 
     pub(super) fn confirm(&self, mark: u64) {
         self.confirmed.fetch_max(mark, Ordering::SeqCst);
+        let mut kept = crate::sync::lock(&self.unconfirmed);
+        while kept.front().is_some_and(|(n, _, _)| *n <= mark) {
+            kept.pop_front();
+        }
     }
 
     pub(super) fn all_confirmed(&self) -> bool {
@@ -176,5 +242,37 @@ mod tests {
         assert!(ledger.all_confirmed());
         let _ = ledger.record::<()>(Err(io::Error::other("disconnected")));
         assert!(!ledger.all_confirmed(), "an ack that was never written");
+    }
+
+    #[test]
+    fn final_acks_are_kept_until_a_flush_confirms_them() {
+        let ledger = AckLedger::default();
+        let kept = |l: &AckLedger| -> Vec<String> {
+            crate::sync::lock(&l.unconfirmed)
+                .iter()
+                .map(|(_, s, _)| s.clone())
+                .collect()
+        };
+        ledger.record_final(Some("a"), ACK, Ok(())).unwrap();
+        let mark = ledger.mark();
+        ledger.record(Ok(())).unwrap(); // a NAK: not kept
+        ledger.record_final(Some("b"), TERM, Ok(())).unwrap();
+        assert_eq!(kept(&ledger), ["a", "b"]);
+        ledger.confirm(mark);
+        assert_eq!(
+            kept(&ledger),
+            ["b"],
+            "confirmed by the flush that followed it"
+        );
+        let _ = ledger.record_final::<()>(Some("c"), ACK, Err(io::Error::other("down")));
+        assert_eq!(kept(&ledger), ["b"], "never written, never resent");
+        for i in 0..UNCONFIRMED_KEPT + 10 {
+            ledger
+                .record_final(Some(&i.to_string()), ACK, Ok(()))
+                .unwrap();
+        }
+        assert_eq!(kept(&ledger).len(), UNCONFIRMED_KEPT, "bounded");
+        ledger.confirm(ledger.mark());
+        assert!(kept(&ledger).is_empty());
     }
 }

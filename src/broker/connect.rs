@@ -202,6 +202,7 @@ impl Broker {
         let shown = crate::url::redact_list(access.urls);
         let generation = Arc::new(AtomicU64::new(0));
         let wakes = Arc::new(Wakes::default());
+        let ledger = Arc::new(AckLedger::default());
         let mut options = options(access).map_err(|why| BrokerError::Refused {
             urls: shown.clone(),
             why,
@@ -225,10 +226,13 @@ impl Broker {
                 .reconnect_callback({
                     let reconnected = on(&gate, |e| e.reconnected());
                     let wakes = wakes.clone();
+                    let ledger = ledger.clone();
                     move || {
                         let ours = gen_gate.load(Ordering::SeqCst);
                         if ours {
                             gen.fetch_add(1, Ordering::SeqCst);
+                            // Acks written just before the drop go out again (flusher).
+                            ledger.reconnected();
                         }
                         reconnected();
                         if ours {
@@ -253,7 +257,6 @@ impl Broker {
                     },
                 })?;
         gate.store(true, Ordering::SeqCst);
-        let ledger = Arc::new(AckLedger::default());
         let flusher = Flusher::spawn(&nc, &ledger).map_err(|source| BrokerError::Connect {
             urls: shown,
             source,

@@ -58,6 +58,7 @@ impl Flusher {
             .stack_size(128 * 1024)
             .spawn(move || {
                 while requested.recv().is_ok() && !stopped.load(Ordering::SeqCst) {
+                    ledger.resend_after_reconnect(&nc);
                     let mark = ledger.mark();
                     if nc.flush_timeout(FLUSH_WRITE_TIMEOUT).is_ok() {
                         ledger.confirm(mark);

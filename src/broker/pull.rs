@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use nats::jetstream::AckKind;
 
-use super::ack::{parse_ack_subject, AckHandle, AckLedger, Delivery};
+use super::ack::{parse_ack_subject, AckHandle, AckLedger, Delivery, ACK};
 use super::flush::FlushRequester;
 use super::{api, status_of, BrokerError, QueueSpec};
 use crate::sync::lock;
@@ -60,6 +60,8 @@ pub(super) struct Pullers {
     ledger: Arc<AckLedger>,
     /// Bumped on every reconnect: pull requests made before it may be gone with the server.
     generation: Arc<AtomicU64>,
+    /// Subscribed with the first puller: a new consumer leader in a cluster.
+    leader_watch: Mutex<Option<nats::Handler>>,
 }
 
 impl Pullers {
@@ -75,6 +77,35 @@ impl Pullers {
             refusals: Arc::new(Refusals::default()),
             ledger,
             generation,
+            leader_watch: Mutex::new(None),
+        }
+    }
+
+    /// In a cluster the consumer's leader holds the waiting pull requests; when it dies they
+    /// die with it while the connection lives, and the pullers would wait for their expiry
+    /// (`PULL_EXPIRES`) before asking again. On the server's advisory that a new leader was
+    /// elected they move to fresh inboxes and pull again at once, as after a reconnect.
+    fn watch_leader(&self, nc: &nats::Connection, spec: &QueueSpec) {
+        let mut watch = lock(&self.leader_watch);
+        if watch.is_some() {
+            return;
+        }
+        let subject = format!(
+            "$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.{}.{}",
+            spec.stream, spec.durable
+        );
+        let (generation, wakes) = (self.generation.clone(), self.wakes.clone());
+        match nc.subscribe(&subject) {
+            Ok(sub) => {
+                *watch = Some(sub.with_handler(move |_| {
+                    log::info!("a new leader for the consumer was elected: pulling again");
+                    generation.fetch_add(1, Ordering::SeqCst);
+                    wakes.wake_all();
+                    Ok(())
+                }))
+            }
+            // Without the advisory (permissions), pulls still come back when they expire.
+            Err(e) => log::debug!("not watching {subject}: {e}"),
         }
     }
 
@@ -85,6 +116,7 @@ impl Pullers {
         flush: FlushRequester,
         spec: &QueueSpec,
     ) -> Result<Puller, BrokerError> {
+        self.watch_leader(nc, spec);
         let (wake_tx, wake) = crossbeam_channel::bounded(1);
         // The index is taken with the lock, the subscription made without it: the client's
         // reconnect callback wakes the pullers, and must not wait for a subscribe.
@@ -333,7 +365,7 @@ impl Puller {
         self.seen_generation = self.generation.load(Ordering::SeqCst);
         self.hand_back_strays();
         let sent = self.send(Some(subject));
-        self.current = Some(self.ledger.record(sent)?);
+        self.current = Some(self.ledger.record_final(Some(subject), ACK, sent)?);
         Ok(())
     }
 
