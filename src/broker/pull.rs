@@ -301,6 +301,9 @@ impl Puller {
     /// two requests waiting. A delivery already received on the old inbox answers the request
     /// that was in flight and is returned; any other one is handed back at once.
     fn renew_inbox(&mut self) -> Result<Option<Delivery>, BrokerError> {
+        // The first puller to see the reconnect sends again the acks it may have cost (the
+        // flusher thread may still wait for a PONG from the old connection).
+        self.ledger.resend_after_reconnect(&self.nc);
         let inboxes = self.inboxes + 1;
         let prefix = format!("{}.{inboxes}", self.base);
         let sub = match self.nc.subscribe(&format!("{prefix}.*")) {
