@@ -122,6 +122,9 @@ pub(super) struct AckLedger {
 pub(super) const ACK: &[u8] = b"+ACK";
 const TERM: &[u8] = b"+TERM";
 
+/// The count of a kept ack that could not be written: no flush confirms it.
+const NOT_WRITTEN: u64 = u64::MAX;
+
 /// Final acks kept for a resend at most: beyond, the oldest are only redelivered later.
 const UNCONFIRMED_KEPT: usize = 4096;
 
@@ -138,24 +141,30 @@ impl AckLedger {
     }
 
     /// Like [`AckLedger::record`] for a final ack to `subject`, kept until a flush confirms it.
+    /// One that could not even be written (the connection broke under it) is kept too, for
+    /// the resend after the reconnect.
     pub(super) fn record_final<T>(
         &self,
         subject: Option<&str>,
         body: &'static [u8],
         result: io::Result<T>,
     ) -> io::Result<T> {
-        match (&result, subject) {
-            (Ok(_), Some(subject)) => {
-                let mut kept = crate::sync::lock(&self.unconfirmed);
-                let n = self.written.fetch_add(1, Ordering::SeqCst) + 1;
-                if kept.len() == UNCONFIRMED_KEPT {
-                    kept.pop_front();
-                }
-                kept.push_back((n, subject.to_string(), body));
-                result
+        let Some(subject) = subject else {
+            return self.record(result);
+        };
+        let mut kept = crate::sync::lock(&self.unconfirmed);
+        let n = match &result {
+            Ok(_) => self.written.fetch_add(1, Ordering::SeqCst) + 1,
+            Err(_) => {
+                self.failed.store(true, Ordering::SeqCst);
+                NOT_WRITTEN
             }
-            _ => self.record(result),
+        };
+        if kept.len() == UNCONFIRMED_KEPT {
+            kept.pop_front();
         }
+        kept.push_back((n, subject.to_string(), body));
+        result
     }
 
     /// After a reconnect: the next flush first sends the unconfirmed final acks again.
@@ -163,20 +172,21 @@ impl AckLedger {
         self.resend.store(true, Ordering::SeqCst);
     }
 
-    /// Sends the unconfirmed final acks again if a reconnect asked for it (flusher thread).
+    /// Sends the unconfirmed final acks again if a reconnect asked for it (the flusher, or the
+    /// first puller to see the reconnect). Each one sent is then confirmed by the next flush.
     pub(super) fn resend_after_reconnect(&self, nc: &nats::Connection) {
         if !self.resend.swap(false, Ordering::SeqCst) {
             return;
         }
-        let again: Vec<(String, &'static [u8])> = crate::sync::lock(&self.unconfirmed)
-            .iter()
-            .map(|(_, subject, body)| (subject.clone(), *body))
-            .collect();
-        if !again.is_empty() {
-            log::info!("sending {} ack(s) again after the reconnect", again.len());
+        let again: Vec<_> = crate::sync::lock(&self.unconfirmed).drain(..).collect();
+        if again.is_empty() {
+            return;
         }
-        for (subject, body) in again {
-            let _ = nc.publish(&subject, body);
+        log::info!("sending {} ack(s) again after the reconnect", again.len());
+        for (_, subject, body) in again {
+            let sent = nc.publish(&subject, body);
+            // Kept again, under a new count if written (and so confirmed by the next flush).
+            let _ = self.record_final(Some(&subject), body, sent);
         }
     }
 
@@ -187,10 +197,7 @@ impl AckLedger {
 
     pub(super) fn confirm(&self, mark: u64) {
         self.confirmed.fetch_max(mark, Ordering::SeqCst);
-        let mut kept = crate::sync::lock(&self.unconfirmed);
-        while kept.front().is_some_and(|(n, _, _)| *n <= mark) {
-            kept.pop_front();
-        }
+        crate::sync::lock(&self.unconfirmed).retain(|(n, _, _)| *n > mark);
     }
 
     pub(super) fn all_confirmed(&self) -> bool {
@@ -265,7 +272,12 @@ mod tests {
             "confirmed by the flush that followed it"
         );
         let _ = ledger.record_final::<()>(Some("c"), ACK, Err(io::Error::other("down")));
-        assert_eq!(kept(&ledger), ["b"], "never written, never resent");
+        ledger.confirm(ledger.mark());
+        assert_eq!(
+            kept(&ledger),
+            ["c"],
+            "not written: kept for the resend, whatever flushes"
+        );
         for i in 0..UNCONFIRMED_KEPT + 10 {
             ledger
                 .record_final(Some(&i.to_string()), ACK, Ok(()))
