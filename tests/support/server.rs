@@ -88,22 +88,8 @@ impl NatsServer {
 
     /// Like [`NatsServer::start_with_args`], running the binary `bin` (a given server version).
     pub fn start_bin(bin: &Path, args: &[&str]) -> NatsServer {
-        let bin = bin.to_path_buf();
-        let dir = tempfile::Builder::new()
-            .prefix("qw-nats-")
-            .tempdir()
-            .expect("creating a temp dir for nats-server");
-        let mut server = NatsServer {
-            bin,
-            extra_args: args.iter().map(|a| a.to_string()).collect(),
-            dir,
-            child: None,
-            port: 0,
-            monitor_port: 0,
-            reported: AtomicBool::new(false),
-        };
-        server.spawn(None);
-        server
+        let args = args.iter().map(|a| a.to_string()).collect();
+        NatsServer::start_in(bin.to_path_buf(), temp_dir(), args)
     }
 
     /// Like [`NatsServer::start`], with a configuration file of this text (written into the
@@ -111,16 +97,18 @@ impl NatsServer {
     /// For auth and TLS blocks, e.g. `authorization { token: "t" }`.
     #[allow(dead_code)] // shared: not every test file uses it
     pub fn start_with_config(config: &str) -> NatsServer {
-        let bin = Self::binary();
-        let dir = tempfile::Builder::new()
-            .prefix("qw-nats-")
-            .tempdir()
-            .expect("creating a temp dir for nats-server");
+        let dir = temp_dir();
         let conf = dir.path().join("server.conf");
         std::fs::write(&conf, config).expect("writing the nats-server config file");
+        let args = vec!["-c".into(), conf.display().to_string()];
+        NatsServer::start_in(Self::binary(), dir, args)
+    }
+
+    /// Starts `bin` with `extra_args` (kept for `restart()`) on a store in `dir`.
+    fn start_in(bin: PathBuf, dir: tempfile::TempDir, extra_args: Vec<String>) -> NatsServer {
         let mut server = NatsServer {
             bin,
-            extra_args: vec!["-c".into(), conf.display().to_string()],
+            extra_args,
             dir,
             child: None,
             port: 0,
@@ -362,4 +350,12 @@ fn read_ports_file(dir: &Path, pid: u32) -> Option<(u16, u16)> {
         })
     };
     Some((port_of("nats")?, port_of("monitoring")?))
+}
+
+/// The server's own temp dir: ports file, store and config, removed on drop.
+fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("qw-nats-")
+        .tempdir()
+        .expect("creating a temp dir for nats-server")
 }
