@@ -666,6 +666,9 @@ fn c06_client_connections_cut() {
             .filter(|id| run.tally.calls_of(id).len() > 1)
             .collect();
         if !repeated.is_empty() {
+            // The worker's log, for reading what happened to the repeated call ids.
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/chaos/cut-worker.log");
+            let _ = std::fs::write(&path, worker.logs());
             let slow_repeated = repeated.iter().filter(|id| slow.contains(**id)).count();
             run.note(format!(
                 "{slow_repeated} of the {} repeated call id(s) had a slow (2.5 s) call",
