@@ -82,13 +82,13 @@ fn connect_work_drain(
     );
 
     let mut spec = QueueSpec::from(config);
-    let bound = broker.provision(&spec)?;
-    spec.stream = bound.stream.clone();
-    for warning in &bound.warnings {
+    let provisioned = broker.provision(&spec)?;
+    spec.stream = provisioned.stream.clone();
+    for warning in &provisioned.warnings {
         log::warn!("{warning}");
     }
     if let Some(subject) = &config.dead_letter_subject {
-        ensure_dead_letters(&broker, subject, &spec)?;
+        provision_dead_letters(&broker, subject, &spec)?;
     }
     health.set_bound(true);
     metrics.set_queue_reader(Some(monitor::queue_reader(&broker, &spec, health)));
@@ -104,7 +104,7 @@ fn connect_work_drain(
             return Err(e.into());
         }
     };
-    let (timer, timer_handle) = match Timer::spawn(bound.ack_wait) {
+    let (timer, timer_handle) = match Timer::spawn(provisioned.ack_wait) {
         Ok(t) => t,
         Err(e) => {
             broker.shutdown(FINAL_FLUSH);
@@ -219,7 +219,7 @@ fn connect_work_drain(
 
 /// Makes sure a stream stores dead letters before any message can be given up, and says
 /// which one does.
-fn ensure_dead_letters(broker: &Broker, subject: &str, spec: &QueueSpec) -> Result<(), Error> {
+fn provision_dead_letters(broker: &Broker, subject: &str, spec: &QueueSpec) -> Result<(), Error> {
     let stream = broker.provision_dead_letters(subject, spec)?;
     if stream.created {
         log::info!(

@@ -183,8 +183,9 @@ fn waiting_and_ack_pending(nats: &NatsServer) -> Option<(u64, u64)> {
     ))
 }
 
-#[test]
-fn a_cut_client_connection_leaves_one_pull_per_thread_and_runs_nothing_twice() {
+/// A worker with two threads and a 1 s ack wait, connected through a proxy that can cut its
+/// connection, calling a function that takes 1.5 s.
+fn behind_a_proxy() -> (NatsServer, TcpProxy, FunctionServer, Worker) {
     let nats = NatsServer::start();
     let proxy = TcpProxy::to_nats(&nats.url());
     let function = FunctionServer::echo_with_delay(Duration::from_millis(1500));
@@ -193,6 +194,12 @@ fn a_cut_client_connection_leaves_one_pull_per_thread_and_runs_nothing_twice() {
         function.url(),
         &[("max_inflight", "2"), ("ack_wait", "1s")],
     );
+    (nats, proxy, function, worker)
+}
+
+#[test]
+fn a_cut_client_connection_leaves_one_pull_per_thread_and_runs_nothing_twice() {
+    let (nats, proxy, function, worker) = behind_a_proxy();
     let nats = &nats;
     let idle = |want: u64| move || waiting_and_ack_pending(nats) == Some((want, 0));
     wait_until(SECS(10), "one pull per thread", idle(2));
@@ -268,14 +275,7 @@ fn drain_does_not_hand_back_a_call_whose_function_returned() {
 
 #[test]
 fn a_cut_while_a_call_runs_acks_it_after_the_reconnect_and_runs_nothing_twice() {
-    let nats = NatsServer::start();
-    let proxy = TcpProxy::to_nats(&nats.url());
-    let function = FunctionServer::echo_with_delay(Duration::from_millis(1500));
-    let worker = Worker::start_ready(
-        proxy.url(),
-        function.url(),
-        &[("max_inflight", "2"), ("ack_wait", "1s")],
-    );
+    let (nats, proxy, function, worker) = behind_a_proxy();
     // One thread busy with a call, the other idle with its pull waiting at the server.
     let mut ids = publish_batch(&nats.url(), 1);
     wait_until(SECS(10), "one call running, one pull waiting", || {
