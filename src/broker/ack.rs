@@ -115,6 +115,20 @@ pub(super) struct AckLedger {
     unconfirmed: Mutex<VecDeque<(u64, String, &'static [u8])>>,
     /// Set by a reconnect: the flusher sends `unconfirmed` again before its next flush.
     resend: AtomicBool,
+    /// Disconnects and reconnects seen so far. On a reconnect the client completes the flushes
+    /// that were waiting for a PONG without one, so a flush only confirms what was written
+    /// before it when no disconnect came between its mark and its end.
+    disconnects: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+/// What a flush may confirm once it succeeded: taken by [`AckLedger::mark`] before it began.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Mark {
+    written: u64,
+    /// The disconnects seen at the mark; `None` while disconnected (a PING written now is only
+    /// buffered, and its "PONG" comes from the reconnect, not from the server).
+    disconnects: Option<u64>,
 }
 
 /// The body of an ack; [`Puller::ack_and_request_next`](super::Puller::ack_and_request_next)'s
@@ -167,8 +181,14 @@ impl AckLedger {
         result
     }
 
+    /// The connection dropped: flushes under way confirm nothing.
+    pub(super) fn disconnected(&self) {
+        self.disconnects.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// After a reconnect: the next flush first sends the unconfirmed final acks again.
     pub(super) fn reconnected(&self) {
+        self.reconnects.fetch_add(1, Ordering::SeqCst);
         self.resend.store(true, Ordering::SeqCst);
     }
 
@@ -191,11 +211,22 @@ impl AckLedger {
     }
 
     /// Take before a flush; pass to [`AckLedger::confirm`] once it succeeded.
-    pub(super) fn mark(&self) -> u64 {
-        self.written.load(Ordering::SeqCst)
+    pub(super) fn mark(&self) -> Mark {
+        let disconnects = self.disconnects.load(Ordering::SeqCst);
+        let connected = disconnects == self.reconnects.load(Ordering::SeqCst);
+        Mark {
+            written: self.written.load(Ordering::SeqCst),
+            disconnects: connected.then_some(disconnects),
+        }
     }
 
-    pub(super) fn confirm(&self, mark: u64) {
+    /// A flush begun at `mark` succeeded: what was written before it reached the server,
+    /// unless the connection dropped in between (then the client answered the flush itself).
+    pub(super) fn confirm(&self, mark: Mark) {
+        if mark.disconnects != Some(self.disconnects.load(Ordering::SeqCst)) {
+            return;
+        }
+        let mark = mark.written;
         self.confirmed.fetch_max(mark, Ordering::SeqCst);
         crate::sync::lock(&self.unconfirmed).retain(|(n, _, _)| *n > mark);
     }
@@ -249,6 +280,32 @@ mod tests {
         assert!(ledger.all_confirmed());
         let _ = ledger.record::<()>(Err(io::Error::other("disconnected")));
         assert!(!ledger.all_confirmed(), "an ack that was never written");
+    }
+
+    #[test]
+    fn a_flush_across_a_disconnect_confirms_nothing() {
+        let ledger = AckLedger::default();
+        ledger.record_final(Some("a"), ACK, Ok(())).unwrap();
+        let mark = ledger.mark();
+        // The connection drops during the flush; the reconnect answers its PING itself.
+        ledger.disconnected();
+        ledger.reconnected();
+        ledger.confirm(mark);
+        assert!(!ledger.all_confirmed());
+        assert_eq!(
+            crate::sync::lock(&ledger.unconfirmed).len(),
+            1,
+            "kept for the resend"
+        );
+        // A flush marked while disconnected confirms nothing either.
+        ledger.disconnected();
+        let mark = ledger.mark();
+        ledger.reconnected();
+        ledger.confirm(mark);
+        assert!(!ledger.all_confirmed());
+        // Connected again: a real flush confirms.
+        ledger.confirm(ledger.mark());
+        assert!(ledger.all_confirmed());
     }
 
     #[test]
