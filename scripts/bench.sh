@@ -33,15 +33,19 @@
 # OpenFaaS one is documented: one pull subscription on the durable consumer, Fetch of as many
 # messages as there are free slots (max_inflight), a goroutine per message, in-progress acks
 # (+WPI every ack_wait/4) while the call runs, a keep-alive http.Client (MaxIdleConnsPerHost =
-# max_inflight), an ack after the call. It reads the worker's env names and creates the same
-# work-queue stream and durable consumer (explicit ack, max_ack_pending, max_waiting) when they
-# are missing. It is built with Debian's golang-go and golang-github-nats-io-go-nats-dev (1.22)
-# in GOPATH mode, since the Go module proxy may be unreachable:
+# max_inflight), an ack after the call. It reads the worker's env names, finds the stream that
+# captures the queue Q as the worker does (or creates OF_<Q> on Q and Q.>, work-queue) and the
+# same durable consumer (explicit ack, ack_wait, max_ack_pending, max_waiting). It is built with
+# Debian's golang-go and golang-github-nats-io-go-nats-dev (1.22) in GOPATH mode, since the Go
+# module proxy may be unreachable:
 #   GO111MODULE=off GOPROXY=off GOPATH=$PWD/target/go:/usr/share/gocode \
 #       go build -o target/go/bin/go-worker ./scripts/bench/go-worker
 # and the harness installs both packages with apt-get when they are missing (as root).
-# In the E and E10 cases each run of the worker (A) is followed by a run of the peer (B) on a
-# fresh stream with the same number of freshly queued messages, the same function server and
+# Every run gets a fresh queue Q (queue_name=bench-PID-N): bench-ceiling fill creates the stream
+# OF_<Q> on Q and Q.>, as the worker would, and publishes the requests to Q.noop, as a current
+# gateway and `queue-worker publish` do; the worker and the peer find that stream and create the
+# consumer. In the E and E10 cases each run of the worker (A) is followed by a run of the peer (B)
+# on a fresh stream with the same number of freshly queued messages, the same function server and
 # the same settings (A B A B ...), so drift of the machine hits both alike. The table "Beside
 # the Go peer" shows both side by side: msg/s from ready, worker CPU seconds (user + system)
 # per 10,000 messages and peak RSS (VmHWM); each ratio column is this worker / the Go peer,
@@ -126,9 +130,12 @@ record() {
     printf '{"case":"%s","metric":"%s","unit":"%s","value":%s}\n' "$1" "$2" "$3" "$4" >>"$RESULTS"
 }
 
+# A fresh queue for each run: QUEUE is the queue (queue_name), STREAM the stream that the worker
+# creates for it (OF_<queue>, on QUEUE and QUEUE.>); fill creates the same one first.
 new_stream() {
     STREAM_SEQ=$((STREAM_SEQ + 1))
-    STREAM=bench-$$-$STREAM_SEQ
+    QUEUE=bench-$$-$STREAM_SEQ
+    STREAM=OF_$QUEUE
 }
 
 build() {
@@ -207,10 +214,11 @@ start_function() {
 
 reset_count() { curl -fsS -X POST "http://127.0.0.1:$1/_reset" >/dev/null; }
 
-# fill STREAM COUNT BODY_BYTES: a fresh stream with COUNT queued requests.
+# fill COUNT BODY_BYTES: the fresh stream STREAM on QUEUE and QUEUE.> with COUNT requests,
+# published to QUEUE.<function> as a current gateway (and `queue-worker publish`) does.
 fill() {
-    "$CEIL" fill --nats "$NATS_URL" --stream "$1" --subject "$1" --count "$2" \
-        --body-size "$3" --function "$FUNCTION" 2>>"$TMP/fill.log"
+    "$CEIL" fill --nats "$NATS_URL" --stream "$STREAM" --queue "$QUEUE" --count "$1" \
+        --body-size "$2" --function "$FUNCTION" 2>>"$TMP/fill.log"
     tail -1 "$TMP/fill.log" >&2
 }
 
@@ -218,8 +226,9 @@ delete_stream() {
     "$CEIL" delete-stream --nats "$NATS_URL" --stream "$1" 2>>"$TMP/fill.log"
 }
 
-# start_worker MAX_INFLIGHT FN_PORT STREAM [BINARY]: sets WORKER_PID, WORKER_T0 (us),
-# WORKER_METRICS and WORKER_LOG. BINARY is the worker (default) or the Go peer.
+# start_worker MAX_INFLIGHT FN_PORT QUEUE [BINARY]: sets WORKER_PID, WORKER_T0 (us),
+# WORKER_METRICS and WORKER_LOG. BINARY is the worker (default) or the Go peer; both find the
+# stream that captures QUEUE (the one fill made) and create the durable consumer on it.
 start_worker() {
     local port bin=${4:-$WORKER}
     port=$(free_port)
@@ -227,7 +236,7 @@ start_worker() {
     WORKER_LOG=$TMP/worker.log
     [[ $bin == "$WORKER" ]] || WORKER_LOG=$TMP/peer.log
     WORKER_T0=$(now_us)
-    nats_url=$NATS_URL nats_stream=$3 queue_name=$3 nats_durable=$DURABLE \
+    nats_url=$NATS_URL queue_name=$3 nats_durable=$DURABLE \
         gateway_url=http://127.0.0.1:$2 max_inflight=$1 metrics_port=$port ack_wait=60s \
         log_encoding=json "$bin" >>"$WORKER_LOG" 2>&1 &
     WORKER_PID=$!
@@ -273,8 +282,8 @@ run_worker_until() {
     local case=$1 n=$2 k=$3 port=$4 body=$5 bin=${6:-$WORKER} stats first_us last_us cpu_s
     new_stream
     reset_count "$port"
-    fill "$STREAM" "$n" "$body"
-    start_worker "$k" "$port" "$STREAM" "$bin"
+    fill "$n" "$body"
+    start_worker "$k" "$port" "$QUEUE" "$bin"
     wait_ready
     stats=$("$CEIL" wait-count --url "http://127.0.0.1:$port/_stats" --target "$n" \
         --interval-ms 20 --timeout-s "$TIMEOUT" --stall-s "$STALL" --pid "$WORKER_PID") ||
@@ -322,7 +331,7 @@ case_j() {   # JetStream ceiling: bench-ceiling consume
         for spec in 16x100 100x1 1x1; do
             threads=${spec%x*} batch=${spec#*x}
             new_stream
-            fill "$STREAM" "$COUNT" "$BODY"
+            fill "$COUNT" "$BODY"
             out=$("$CEIL" consume --nats "$NATS_URL" --stream "$STREAM" --durable "$DURABLE" \
                 --threads "$threads" --batch "$batch" --count "$COUNT")
             delete_stream "$STREAM"
@@ -386,8 +395,8 @@ case_idle() {   # worker idle at max_inflight 512 on an empty stream, 10 s
     local run t1 t2 c1 c2
     for run in $(seq "$RUNS"); do
         new_stream
-        fill "$STREAM" 0 "$BODY"
-        start_worker 512 "$FN_PORT" "$STREAM"
+        fill 0 "$BODY"
+        start_worker 512 "$FN_PORT" "$QUEUE"
         wait_ready
         sample_proc "$WORKER_PID"
         c1=$CPU_TICKS t1=$(now_us)
@@ -410,8 +419,8 @@ case_flat() {   # memory flatness: a long backlog, 10 ms function, max_inflight 
     for run in $(seq "$RUNS"); do
         new_stream
         reset_count "$FN10_PORT"
-        fill "$STREAM" "$FLAT_COUNT" "$BODY"
-        start_worker 16 "$FN10_PORT" "$STREAM"
+        fill "$FLAT_COUNT" "$BODY"
+        start_worker 16 "$FN10_PORT" "$QUEUE"
         wait_ready
         first="" max=0 samples=()
         for _ in {1..15}; do
