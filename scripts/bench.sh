@@ -27,6 +27,16 @@
 #   BENCH_BIN_DIR=target/release/examples   where bench-function and bench-ceiling are
 #   BENCH_WORKER=target/release/queue-worker
 #   BENCH_KEEP_TMP=1         keep the temp dir (nats store, logs) for inspection
+#   BENCH_PERF=1             run each worker and peer under `perf stat -e task-clock,
+#                            context-switches,cpu-migrations,page-faults,raw_syscalls:sys_enter`
+#                            (the syscall tracepoint only when tracefs is there: it is mounted when
+#                            missing, as root) and add per-message counts to the "Per message"
+#                            table; installs linux-perf when missing (as root)
+#   BENCH_STRACE=1           run each worker and peer under `strace -f -c` and add its syscall
+#                            count per message (strace slows the process down many times: its
+#                            msg/s, CPU and context-switch figures are not comparable; not with
+#                            BENCH_PERF=1). Each run's perf or strace output is kept in
+#                            $(dirname BENCH_OUT)/counters/CASE.N.txt
 #   NATS_SERVER_BIN          nats-server to use (default: the one on PATH)
 #
 # The Go peer (scripts/bench/go-worker/main.go) is a JetStream queue-worker written the way the
@@ -74,6 +84,9 @@ E10_INFLIGHT=${BENCH_E10_INFLIGHT:-16 100 512}
 PEER=${BENCH_PEER:-1}
 PEER_BIN=${BENCH_PEER_BIN:-target/go/bin/go-worker}
 STALL=${BENCH_STALL:-30}
+PERF=${BENCH_PERF:-0}
+STRACE=${BENCH_STRACE:-0}
+PERF_EVENTS=task-clock,context-switches,cpu-migrations,page-faults
 BIN_DIR=${BENCH_BIN_DIR:-target/release/examples}
 WORKER=${BENCH_WORKER:-target/release/queue-worker}
 FN_BIN=$BIN_DIR/bench-function
@@ -162,6 +175,36 @@ build_peer() {
         GOCACHE="$ROOT/target/go/cache" go build -o "$PEER_BIN" ./scripts/bench/go-worker
 }
 
+# BENCH_PERF / BENCH_STRACE: the tools, and the syscall tracepoint when it can be had.
+setup_counters() {
+    [[ $PERF == 1 && $STRACE == 1 ]] && die "BENCH_PERF=1 and BENCH_STRACE=1: choose one"
+    local tool=""
+    [[ $PERF == 1 ]] && tool=perf
+    [[ $STRACE == 1 ]] && tool=strace
+    [[ -n $tool ]] || return 0
+    if ! command -v "$tool" >/dev/null; then
+        [[ $(id -u) == 0 ]] || die "BENCH_${tool^^}=1 needs $tool (apt-get install it)"
+        log "bench: installing $tool"
+        apt-get update -qq >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            "$([[ $tool == perf ]] && echo linux-perf || echo strace)" >&2
+    fi
+    [[ $tool == perf ]] || return 0
+    perf stat -e "$PERF_EVENTS" true >/dev/null 2>"$TMP/perf-check.err" ||
+        die "perf stat does not work here: $(tail -3 "$TMP/perf-check.err")"
+    if ! perf stat -e raw_syscalls:sys_enter true >/dev/null 2>&1 &&
+        [[ $(id -u) == 0 && ! -d /sys/kernel/tracing/events ]]; then
+        log "bench: mounting tracefs on /sys/kernel/tracing for the syscall tracepoint"
+        mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
+    fi
+    if perf stat -e raw_syscalls:sys_enter true >/dev/null 2>&1; then
+        PERF_EVENTS+=,raw_syscalls:sys_enter
+    else
+        log "bench: no raw_syscalls tracepoint: syscalls not counted (BENCH_STRACE=1 counts them)"
+    fi
+    log "bench: counting $PERF_EVENTS with $(perf --version)"
+}
+
 # Sets NATS_PID, NATS_URL, NATS_MON.
 start_nats() {
     local bin=${NATS_SERVER_BIN:-$(command -v nats-server || true)}
@@ -235,12 +278,39 @@ start_worker() {
     WORKER_METRICS=http://127.0.0.1:$port
     WORKER_LOG=$TMP/worker.log
     [[ $bin == "$WORKER" ]] || WORKER_LOG=$TMP/peer.log
+    # BENCH_PERF / BENCH_STRACE: the binary runs under a counter, WRAP_PID; WORKER_PID is the
+    # binary itself (the wrapper's child), so /proc and the signals reach it, not the wrapper.
+    local wrap=()
+    WRAP_OUT=$TMP/counters.out WRAP_PID=""
+    rm -f "$WRAP_OUT"
+    if [[ $PERF == 1 ]]; then
+        wrap=(perf stat -x ',' -o "$WRAP_OUT" -e "$PERF_EVENTS" --)
+    elif [[ $STRACE == 1 ]]; then
+        wrap=(strace -f -c -o "$WRAP_OUT")
+    fi
     WORKER_T0=$(now_us)
     nats_url=$NATS_URL queue_name=$3 nats_durable=$DURABLE \
         gateway_url=http://127.0.0.1:$2 max_inflight=$1 metrics_port=$port ack_wait=60s \
-        log_encoding=json "$bin" >>"$WORKER_LOG" 2>&1 &
+        log_encoding=json "${wrap[@]}" "$bin" >>"$WORKER_LOG" 2>&1 &
     WORKER_PID=$!
     PIDS+=("$WORKER_PID")
+    if ((${#wrap[@]})); then
+        WRAP_PID=$WORKER_PID WORKER_PID=""
+        local exe child kids
+        exe=$(readlink -f "$bin")
+        for _ in {1..500}; do
+            kids=()   # the file has no newline: read fills kids and fails
+            read -ra kids <"/proc/$WRAP_PID/task/$WRAP_PID/children" 2>/dev/null || true
+            for child in "${kids[@]}"; do
+                [[ $(readlink "/proc/$child/exe" 2>/dev/null) == "$exe" ]] && WORKER_PID=$child
+            done
+            [[ -n $WORKER_PID ]] && break
+            proc_alive "$WRAP_PID" || break
+            sleep 0.01
+        done
+        [[ -n $WORKER_PID ]] || die "${wrap[0]} did not start $bin; log: $(tail -5 "$WORKER_LOG")"
+        PIDS+=("$WORKER_PID")
+    fi
 }
 
 # Sets READY_US: when /readyz (or, while it does not exist, /healthz) first answered 200.
@@ -259,9 +329,54 @@ stop_worker() {
         kill -KILL "$WORKER_PID" 2>/dev/null || true
     fi
     WORKER_RC=0
-    wait "$WORKER_PID" 2>/dev/null || WORKER_RC=$?
+    if [[ -n $WRAP_PID ]]; then
+        # The wrapper exits with the worker's status once it has written its counts.
+        wait "$WRAP_PID" 2>/dev/null || WORKER_RC=$?
+        forget_pid "$WRAP_PID"
+    else
+        wait "$WORKER_PID" 2>/dev/null || WORKER_RC=$?
+    fi
     forget_pid "$WORKER_PID"
     [[ $WORKER_RC == 0 ]] || log "bench: worker exited with status $WORKER_RC"
+}
+
+# sample_ctx PID: sets CTX_VOL and CTX_NONVOL, the context switches of every thread that PID
+# has now (/proc/PID/task/*/status; threads that already exited are not counted).
+sample_ctx() {
+    local sums
+    sums=$(cat /proc/"$1"/task/*/status 2>/dev/null | awk '
+        /^voluntary_ctxt_switches:/ { v += $2 } /^nonvoluntary_ctxt_switches:/ { n += $2 }
+        END { print v + 0, n + 0 }')
+    read -r CTX_VOL CTX_NONVOL <<<"$sums"
+}
+
+# record_counters CASE N: the per-message counts of the run's perf stat or strace -c output.
+record_counters() {
+    local case=$1 n=$2 name value
+    [[ -n $WRAP_PID ]] || return 0
+    if [[ ! -s $WRAP_OUT ]]; then
+        log "bench: $case: no counter output in $WRAP_OUT"
+        return 0
+    fi
+    if [[ $PERF == 1 ]]; then
+        # perf stat -x,: value,unit,event,... ("<not counted>" and "<not supported>" skipped)
+        while IFS=, read -r value _ name _; do
+            [[ $value =~ ^[0-9.]+$ ]] || continue
+            case $name in
+                task-clock) record "$case" perf_task_clock_us_per_msg us "$(calc "$value * 1000 / $n")" ;;
+                context-switches) record "$case" perf_ctxsw_per_msg count "$(calc "$value / $n")" ;;
+                cpu-migrations) record "$case" perf_migrations_per_msg count "$(calc "$value / $n")" ;;
+                page-faults) record "$case" perf_faults_per_msg count "$(calc "$value / $n")" ;;
+                raw_syscalls:sys_enter) record "$case" perf_syscalls_per_msg count "$(calc "$value / $n")" ;;
+            esac
+        done <"$WRAP_OUT"
+    else
+        # strace -c: the last line is "100.00 seconds usecs/call calls [errors] total".
+        value=$(awk '$NF == "total" { print $4 }' "$WRAP_OUT")
+        [[ -n $value ]] && record "$case" strace_syscalls_per_msg count "$(calc "$value / $n")"
+    fi
+    mkdir -p "$(dirname "$OUT")/counters"
+    cp "$WRAP_OUT" "$(dirname "$OUT")/counters/$case.$STREAM_SEQ.txt"
 }
 
 # sample_proc PID: sets HWM_KB, RSS_KB (from /proc/PID/status) and CPU_TICKS (utime+stime).
@@ -289,8 +404,12 @@ run_worker_until() {
         --interval-ms 20 --timeout-s "$TIMEOUT" --stall-s "$STALL" --pid "$WORKER_PID") ||
         die "$case: the function did not see $n calls; log: $(tail -5 "$WORKER_LOG")"
     sample_proc "$WORKER_PID"
+    sample_ctx "$WORKER_PID"
     stop_worker
     delete_stream "$STREAM"
+    record_counters "$case" "$n"
+    record "$case" proc_ctxsw_per_msg count "$(calc "($CTX_VOL + $CTX_NONVOL) / $n")"
+    record "$case" proc_nonvol_ctxsw_per_msg count "$(calc "$CTX_NONVOL / $n")"
 
     first_us=$(json_field "$stats" first_us)
     last_us=$(json_field "$stats" last_us)
@@ -503,7 +622,7 @@ env = {k: os.environ.get(k) for k in ("BENCH_COUNT_EFFECTIVE", "BENCH_RUNS_EFFEC
                                       "BENCH_BODY_SIZE_EFFECTIVE", "BENCH_FLAT_COUNT_EFFECTIVE",
                                       "BENCH_WORKER", "NATS_VERSION", "CPU_MODEL", "NPROC",
                                       "KERNEL", "GIT_REV", "DATE", "PEER_VERSION",
-                                      "LOADAVG")}
+                                      "LOADAVG", "COUNTERS")}
 
 # The Go peer beside the worker: E-x is this worker, G-x the peer on the same case. Each ratio
 # is this / Go, the median of the per-pair ratios (run i of E-x against run i of G-x, which ran
@@ -554,6 +673,9 @@ def fmt(x):
     if abs(x) >= 10:
         return f"{x:.1f}"
     return f"{x:.2f}"
+
+def fmt3(x):
+    return "-" if x is None else fmt(x) if abs(x) >= 100 else f"{x:.3g}"
 
 def cell(case, metric):
     g = groups.get((case, metric))
@@ -616,6 +738,37 @@ if peer:
           f"{fmt(r['hwm_ratio'])} |")
     p()
 
+# Per message: context switches and syscalls of the whole process (start, the run, the drain),
+# divided by the messages of the run; this worker (E-x) beside the Go peer (G-x).
+per_msg = [("perf_ctxsw_per_msg", "ctx switches (perf)"),
+           ("perf_syscalls_per_msg", "syscalls (perf)"),
+           ("strace_syscalls_per_msg", "syscalls (strace -c)"),
+           ("perf_task_clock_us_per_msg", "task-clock µs (perf)"),
+           ("perf_faults_per_msg", "page faults (perf)"),
+           ("perf_migrations_per_msg", "CPU migrations (perf)"),
+           ("proc_ctxsw_per_msg", "ctx switches (/proc, at the Nth call)"),
+           ("proc_nonvol_ctxsw_per_msg", "of them involuntary (/proc)")]
+pm_cases = [c for c, _ in peer_cases if has("E-" + c) or has("G-" + c)]
+pm_metrics = [(m, l) for m, l in per_msg if any(values(who + c, m) for c in pm_cases for who in ("E-", "G-"))]
+if pm_cases and pm_metrics:
+    doc["per_message"] = {c: {m: {"this": med("E-" + c, m), "go": med("G-" + c, m)}
+                              for m, _ in pm_metrics} for c in pm_cases}
+    with open(out_path, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    p(f"### Per message ({env['COUNTERS']})\n")
+    p("Whole-process counts (perf, strace: start to exit; /proc: threads alive at the Nth call) "
+      "divided by the messages of the run; medians.\n")
+    p("| Case | worker | " + " | ".join(l for _, l in pm_metrics) + " |")
+    p("|---|---|" + "---:|" * len(pm_metrics))
+    labels = dict(peer_cases)
+    for c in pm_cases:
+        for who, name in (("E-", "this"), ("G-", "Go")):
+            if has(who + c):
+                p(f"| {labels[c]} | {name} | "
+                  + " | ".join(fmt3(med(who + c, m)) for m, _ in pm_metrics) + " |")
+    p()
+
 if has("idle-512"):
     p("### Idle worker (max_inflight 512, empty stream, 10 s)\n")
     p("| start-to-ready ms | RSS MiB | peak RSS MiB | CPU % of one core |\n|---:|---:|---:|---:|")
@@ -663,6 +816,7 @@ it, or set BENCH_PEER=0)"
 $(dpkg-query -W -f '${Version}' golang-github-nats-io-go-nats-dev 2>/dev/null || echo '?')"
     fi
 
+    setup_counters
     start_nats
     start_function FN_PORT
     start_function FN10_PORT --sleep-ms 10
@@ -674,9 +828,12 @@ $(dpkg-query -W -f '${Version}' golang-github-nats-io-go-nats-dev 2>/dev/null ||
     CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
     GIT_REV=$(git rev-parse --short HEAD 2>/dev/null || echo none)
     LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
+    COUNTERS="/proc/PID/task/*/status"
+    [[ $PERF == 1 ]] && COUNTERS="perf stat -e $PERF_EVENTS; $COUNTERS"
+    [[ $STRACE == 1 ]] && COUNTERS="strace -f -c; $COUNTERS"
     export BENCH_COUNT_EFFECTIVE BENCH_RUNS_EFFECTIVE BENCH_BODY_SIZE_EFFECTIVE \
         BENCH_FLAT_COUNT_EFFECTIVE BENCH_WORKER NATS_VERSION DATE NPROC KERNEL CPU_MODEL GIT_REV \
-        PEER_VERSION LOADAVG
+        PEER_VERSION LOADAVG COUNTERS
 
     want J && case_j
     want H && case_h
