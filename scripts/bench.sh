@@ -580,7 +580,7 @@ case_size() {
 
 report() {
     mkdir -p "$(dirname "$OUT")"
-    python3 - "$RESULTS" "$OUT" <<'PY'
+    LOADAVG_END=$(cut -d' ' -f1-3 /proc/loadavg) python3 - "$RESULTS" "$OUT" <<'PY'
 import json, statistics, sys, os
 
 results_path, out_path = sys.argv[1], sys.argv[2]
@@ -622,7 +622,7 @@ env = {k: os.environ.get(k) for k in ("BENCH_COUNT_EFFECTIVE", "BENCH_RUNS_EFFEC
                                       "BENCH_BODY_SIZE_EFFECTIVE", "BENCH_FLAT_COUNT_EFFECTIVE",
                                       "BENCH_WORKER", "NATS_VERSION", "CPU_MODEL", "NPROC",
                                       "KERNEL", "GIT_REV", "DATE", "PEER_VERSION",
-                                      "LOADAVG", "COUNTERS")}
+                                      "LOADAVG", "LOADAVG_END", "COUNTERS")}
 
 # The Go peer beside the worker: E-x is this worker, G-x the peer on the same case. Each ratio
 # is this / Go, the median of the per-pair ratios (run i of E-x against run i of G-x, which ran
@@ -693,7 +693,7 @@ p(f"## queue-worker benchmark\n")
 p(f"{env['BENCH_COUNT_EFFECTIVE']} messages per run, {env['BENCH_RUNS_EFFECTIVE']} run(s) per case, "
   f"median [min–max]; {env['BENCH_BODY_SIZE_EFFECTIVE']}-byte bodies unless stated. "
   f"{env['NATS_VERSION']}; {env['NPROC']} × {env['CPU_MODEL']}; {env['KERNEL']}; "
-  f"load average at start {env['LOADAVG']}.\n")
+  f"load average at start {env['LOADAVG']}, at the end {env['LOADAVG_END']}.\n")
 
 ceilings = [("J-16x100", "J: JetStream consume+ack, 16 threads × batch 100", "per_sec"),
             ("J-100x1", "J: JetStream consume+ack, 100 threads × batch 1", "per_sec"),
