@@ -36,7 +36,7 @@
 #                            count per message (strace slows the process down many times: its
 #                            msg/s, CPU and context-switch figures are not comparable; not with
 #                            BENCH_PERF=1). Each run's perf or strace output is kept in
-#                            $(dirname BENCH_OUT)/counters/CASE.N.txt
+#                            BENCH_OUT without .json, -counters/CASE.N.txt
 #   NATS_SERVER_BIN          nats-server to use (default: the one on PATH)
 #
 # The Go peer (scripts/bench/go-worker/main.go) is a JetStream queue-worker written the way the
@@ -375,8 +375,8 @@ record_counters() {
         value=$(awk '$NF == "total" { print $4 }' "$WRAP_OUT")
         [[ -n $value ]] && record "$case" strace_syscalls_per_msg count "$(calc "$value / $n")"
     fi
-    mkdir -p "$(dirname "$OUT")/counters"
-    cp "$WRAP_OUT" "$(dirname "$OUT")/counters/$case.$STREAM_SEQ.txt"
+    mkdir -p "${OUT%.json}-counters"
+    cp "$WRAP_OUT" "${OUT%.json}-counters/$case.$STREAM_SEQ.txt"
 }
 
 # sample_proc PID: sets HWM_KB, RSS_KB (from /proc/PID/status) and CPU_TICKS (utime+stime).
