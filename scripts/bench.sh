@@ -60,6 +60,8 @@
 # the Go peer" shows both side by side: msg/s from ready, worker CPU seconds (user + system)
 # per 10,000 messages and peak RSS (VmHWM); each ratio column is this worker / the Go peer,
 # the median of the per-pair ratios (higher is better for msg/s, lower for CPU and RSS).
+# A worker run during which the machine counted TCP listen overflows (TcpExtListenOverflows:
+# a full backlog drops SYNs, and each such call then waits 1 s) is flagged on stderr.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -340,6 +342,13 @@ stop_worker() {
     [[ $WORKER_RC == 0 ]] || log "bench: worker exited with status $WORKER_RC"
 }
 
+# The machine's TcpExtListenOverflows: connections dropped because a listen backlog was full
+# (the client sends its SYN again after 1 s). Machine-wide: other processes count too.
+listen_overflows() {
+    awk '/^TcpExt:/ { if (!h) { for (i = 1; i <= NF; i++) if ($i == "ListenOverflows") c = i; h = 1 }
+        else { print $c + 0; exit } }' /proc/net/netstat 2>/dev/null || echo 0
+}
+
 # sample_ctx PID: sets CTX_VOL and CTX_NONVOL, the context switches of every thread that PID
 # has now (/proc/PID/task/*/status; threads that already exited are not counted).
 sample_ctx() {
@@ -398,6 +407,8 @@ run_worker_until() {
     new_stream
     reset_count "$port"
     fill "$n" "$body"
+    local overflows
+    overflows=$(listen_overflows)
     start_worker "$k" "$port" "$QUEUE" "$bin"
     wait_ready
     stats=$("$CEIL" wait-count --url "http://127.0.0.1:$port/_stats" --target "$n" \
@@ -405,6 +416,12 @@ run_worker_until() {
         die "$case: the function did not see $n calls; log: $(tail -5 "$WORKER_LOG")"
     sample_proc "$WORKER_PID"
     sample_ctx "$WORKER_PID"
+    overflows=$(($(listen_overflows) - overflows))
+    if ((overflows > 0)); then
+        log "bench: $case: $overflows TCP listen overflow(s) on this machine during the run \
+(dropped SYNs: each such call waits 1 s)"
+    fi
+    record "$case" listen_overflows count "$overflows"
     stop_worker
     delete_stream "$STREAM"
     record_counters "$case" "$n"
