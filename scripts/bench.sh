@@ -248,7 +248,8 @@ start_function() {
     "$FN_BIN" --port 0 "$@" >"$out" 2>&1 &
     PIDS+=("$!")
     for _ in {1..250}; do
-        port=$(sed -n '1s/^listening on 127\.0\.0\.1:\([0-9]*\)$/\1/p' "$out")
+        # The redirection may not exist yet: with set -e, sed's failure would end the script.
+        port=$(sed -n '1s/^listening on 127\.0\.0\.1:\([0-9]*\)$/\1/p' "$out" 2>/dev/null || true)
         [[ -n $port ]] && break
         sleep 0.02
     done
