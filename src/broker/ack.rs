@@ -19,6 +19,10 @@ pub(crate) struct Delivery {
     pub delivered: u32,
 }
 
+/// Which of the pool's consumers a delivery came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct TargetKey(pub(super) usize);
+
 impl Delivery {
     pub(super) fn new(mut msg: nats::Message, ledger: &Arc<AckLedger>) -> Delivery {
         let data = std::mem::take(&mut msg.data);
@@ -26,7 +30,7 @@ impl Delivery {
             .reply
             .as_deref()
             .and_then(parse_ack_subject)
-            .unwrap_or((0, 1));
+            .map_or((0, 1), |a| (a.stream_seq, a.delivered));
         Delivery {
             data,
             ack: AckHandle(msg, ledger.clone()),
@@ -36,12 +40,22 @@ impl Delivery {
     }
 }
 
+/// What an ack subject tells of its delivery.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct AckInfo<'a> {
+    pub consumer: &'a str,
+    pub stream_seq: u64,
+    pub delivered: u32,
+    /// Messages the consumer still held for delivery after this one.
+    pub pending: u64,
+}
+
 /// Parses `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>`
 /// and the newer form with domain and account hash before the stream.
-pub(super) fn parse_ack_subject(reply: &str) -> Option<(u64, u32)> {
+pub(super) fn parse_ack_subject(reply: &str) -> Option<AckInfo<'_>> {
     let rest = reply.strip_prefix("$JS.ACK.")?;
-    // Read on every delivery: the first six tokens are enough, so nothing is collected.
-    let mut tokens = [""; 6];
+    // Read on every delivery: the first nine tokens are enough, so nothing is collected.
+    let mut tokens = [""; 9];
     let mut count = 0;
     for token in rest.split('.') {
         if let Some(slot) = tokens.get_mut(count) {
@@ -54,9 +68,12 @@ pub(super) fn parse_ack_subject(reply: &str) -> Option<(u64, u32)> {
         n if n >= 9 => 2,
         _ => return None,
     };
-    let delivered = tokens[offset + 2].parse().ok()?;
-    let stream_seq = tokens[offset + 3].parse().ok()?;
-    Some((stream_seq, delivered))
+    Some(AckInfo {
+        consumer: tokens[offset + 1],
+        delivered: tokens[offset + 2].parse().ok()?,
+        stream_seq: tokens[offset + 3].parse().ok()?,
+        pending: tokens[offset + 6].parse().unwrap_or(0),
+    })
 }
 
 /// Acknowledges one delivered message; cheap to clone (no payload).
@@ -245,13 +262,23 @@ mod tests {
     fn parses_both_ack_subject_forms() {
         assert_eq!(
             parse_ack_subject("$JS.ACK.faas-request.faas-workers.3.42.40.1700000000000000000.7"),
-            Some((42, 3))
+            Some(AckInfo {
+                consumer: "faas-workers",
+                stream_seq: 42,
+                delivered: 3,
+                pending: 7
+            })
         );
         assert_eq!(
             parse_ack_subject(
                 "$JS.ACK.hub.ACCHASH.faas-request.faas-workers.1.9.9.1700000000000000000.0.tok"
             ),
-            Some((9, 1))
+            Some(AckInfo {
+                consumer: "faas-workers",
+                stream_seq: 9,
+                delivered: 1,
+                pending: 0
+            })
         );
         assert_eq!(parse_ack_subject("_INBOX.x"), None);
         assert_eq!(parse_ack_subject("$JS.ACK.a.b.c"), None);

@@ -72,6 +72,7 @@ pub(crate) use provision::{
 pub(crate) use publish::OutMessage;
 pub(crate) use publish::{header_value_lossy, valid_msg_id};
 pub use pull::Puller;
+pub(crate) use pull::{TargetLimits, TargetState};
 
 /// How long [`Broker::shutdown`] waits for the client's close before leaving it behind.
 const CLOSE_WAIT: Duration = Duration::from_millis(500);
@@ -252,7 +253,29 @@ impl Broker {
 
     /// A puller with its own subscription. Make them all before starting worker threads.
     pub(crate) fn puller(&self, spec: &QueueSpec) -> Result<Puller, BrokerError> {
-        self.pullers.puller(&self.nc, spec)
+        self.pullers.puller(&self.nc, spec, true)
+    }
+
+    /// A puller for function mode: the pool pulls only from the consumers given to
+    /// [`Broker::pull_from`].
+    pub(crate) fn function_puller(&self, spec: &QueueSpec) -> Result<Puller, BrokerError> {
+        self.pullers.puller(&self.nc, spec, false)
+    }
+
+    /// The pool pulls from `consumer` too (or changes how): within `limits`, and only while
+    /// it holds messages (`pending`, when known: the stream's count for its subject).
+    pub(crate) fn pull_from(&self, consumer: &str, limits: TargetLimits, pending: Option<u64>) {
+        self.pullers.pull_from(consumer, limits, pending);
+    }
+
+    /// The pool stops pulling from `consumer`.
+    pub(crate) fn stop_pulling_from(&self, consumer: &str) {
+        self.pullers.stop_pulling_from(consumer);
+    }
+
+    /// The consumers the pool pulls from, with what runs and what is asked for.
+    pub(crate) fn pull_targets(&self) -> Vec<TargetState> {
+        self.pullers.targets()
     }
 
     /// Pull requests the server refused so far (409 and other statuses that end a request).

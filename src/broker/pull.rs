@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use nats::jetstream::AckKind;
 
-use super::ack::{parse_ack_subject, AckHandle, AckLedger, Delivery};
+use super::ack::{parse_ack_subject, AckHandle, AckLedger, Delivery, TargetKey};
 use super::flush::{Dispatch, FlushRequester};
 use super::{api, status_of, BrokerError, QueueSpec};
 use crate::sync::lock;
@@ -80,8 +80,13 @@ struct State {
     stopped: bool,
     /// Threads waiting for a message.
     idle: usize,
-    /// Messages asked for and not delivered yet; never more than `idle`.
+    /// Messages asked for and not delivered yet, of all targets; never more than `idle`.
     credit: usize,
+    /// The consumers pulled from, by [`TargetKey`]; a slot is `None` once its target is
+    /// removed (and may be reused: a removed target had no request left).
+    targets: Vec<Option<Target>>,
+    /// Where the fair share starts looking, so that ties go round.
+    turn: usize,
     /// When the latest request expires at the server, plus `PULL_MARGIN`.
     quiet_after: Option<Instant>,
     paused_until: Option<Instant>,
@@ -91,11 +96,68 @@ struct State {
     expires: Duration,
 }
 
+/// One consumer the pool pulls from: the queue's durable (static mode), or a function's.
+struct Target {
+    consumer: String,
+    pull_subject: String,
+    /// Asked for and not delivered yet.
+    credit: usize,
+    /// Delivered to a thread that has not finished with it.
+    running: usize,
+    /// Messages the consumer holds for delivery, as last seen; `None`: unknown, ask anyway.
+    pending: Option<u64>,
+    /// The most of its messages running or asked for at once.
+    limit: usize,
+    /// How long its requests wait at the server.
+    expires: Duration,
+    /// No more requests; removed once nothing of it is asked for or running.
+    retired: bool,
+}
+
+impl Target {
+    /// How many more of its messages may be asked for now.
+    fn room(&self) -> usize {
+        if self.retired {
+            return 0;
+        }
+        let busy = self.credit + self.running;
+        let by_limit = self.limit.saturating_sub(busy);
+        match self.pending {
+            None => by_limit,
+            Some(p) => by_limit.min(
+                usize::try_from(p)
+                    .unwrap_or(usize::MAX)
+                    .saturating_sub(self.credit),
+            ),
+        }
+    }
+}
+
+/// How a target is pulled from: see [`Broker::pull_from`](super::Broker::pull_from).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TargetLimits {
+    /// The most of its messages running or asked for at once.
+    pub limit: usize,
+    /// How long its requests wait at the server.
+    pub expires: Duration,
+}
+
+/// A target as the pool sees it now (for `status` and metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TargetState {
+    pub consumer: String,
+    pub running: usize,
+    pub asked: usize,
+    pub pending: Option<u64>,
+    pub limit: usize,
+}
+
 struct Shared {
     nc: nats::Connection,
-    /// `_INBOX.<nuid>`: the pool's inboxes are `<prefix>.<n>.*`.
+    /// `_INBOX.<nuid>`: the pool's inboxes are `<prefix>.<n>.*.*`.
     prefix: String,
-    pull_subject: String,
+    /// `$JS.API.CONSUMER.MSG.NEXT.<stream>.`
+    pull_prefix: String,
     state: Mutex<State>,
     wakes: Arc<Wakes>,
     flush: FlushRequester,
@@ -142,24 +204,21 @@ impl Pullers {
         self.clone()
     }
 
-    /// In a cluster the consumer's leader holds the waiting pull requests; when it dies they
+    /// In a cluster a consumer's leader holds the waiting pull requests; when it dies they
     /// die with it while the connection lives, and the pool would wait for their expiry
     /// (`PULL_EXPIRES`) before asking again. On the server's advisory that a new leader was
     /// elected it starts afresh at once, as after a reconnect.
-    fn watch_leader(&self, nc: &nats::Connection, spec: &QueueSpec) {
+    fn watch_leader(&self, nc: &nats::Connection, stream: &str, consumer: &str) {
         let mut watch = lock(&self.leader_watch);
         if watch.is_some() {
             return;
         }
-        let subject = format!(
-            "$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.{}.{}",
-            spec.stream, spec.durable
-        );
+        let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.{stream}.{consumer}");
         let (generation, flush) = (self.generation.clone(), self.flush.clone());
         match nc.subscribe(&subject) {
             Ok(sub) => {
                 *watch = Some(sub.with_handler(move |_| {
-                    log::info!("a new leader for the consumer was elected: pulling again");
+                    log::info!("a new leader for a consumer was elected: pulling again");
                     generation.fetch_add(1, Ordering::SeqCst);
                     flush.request();
                     Ok(())
@@ -170,27 +229,46 @@ impl Pullers {
         }
     }
 
-    /// A puller for one worker thread. Make them all before starting worker threads.
+    /// A puller for one worker thread. Make them all before starting worker threads. With
+    /// `queue_consumer` the pool pulls from the queue's durable (static mode); without, only
+    /// from the targets given to [`Pullers::pull_from`] (function mode).
     pub(super) fn puller(
         &self,
         nc: &nats::Connection,
         spec: &QueueSpec,
+        queue_consumer: bool,
     ) -> Result<Puller, BrokerError> {
-        self.watch_leader(nc, spec);
         let shared = {
             let mut shared = lock(&self.shared);
             match &*shared {
                 Some(s) => s.clone(),
                 None => {
+                    if queue_consumer {
+                        self.watch_leader(nc, &spec.stream, &spec.durable);
+                    } else {
+                        self.watch_leader(nc, &spec.stream, "*");
+                    }
                     let generation = self.generation.load(Ordering::SeqCst);
                     let (sub, inbox) = subscribe(nc, &self.prefix, 0)?;
+                    let pull_prefix = format!("$JS.API.CONSUMER.MSG.NEXT.{}.", spec.stream);
+                    let targets = if queue_consumer {
+                        vec![Some(Target {
+                            pull_subject: format!("{pull_prefix}{}", spec.durable),
+                            consumer: spec.durable.clone(),
+                            credit: 0,
+                            running: 0,
+                            pending: None,
+                            limit: usize::MAX,
+                            expires: PULL_EXPIRES,
+                            retired: false,
+                        })]
+                    } else {
+                        Vec::new()
+                    };
                     let s = Arc::new(Shared {
                         nc: nc.clone(),
                         prefix: self.prefix.clone(),
-                        pull_subject: format!(
-                            "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
-                            spec.stream, spec.durable
-                        ),
+                        pull_prefix,
                         state: Mutex::new(State {
                             inbox,
                             sub: Some(sub),
@@ -199,6 +277,8 @@ impl Pullers {
                             stopped: false,
                             idle: 0,
                             credit: 0,
+                            targets,
+                            turn: 0,
                             quiet_after: None,
                             paused_until: None,
                             refused: None,
@@ -222,14 +302,94 @@ impl Pullers {
             shared,
             wake,
             idle: false,
+            current: None,
         })
+    }
+
+    fn shared(&self) -> Option<Arc<Shared>> {
+        lock(&self.shared).clone()
     }
 
     /// Pull requests the server refused so far (409 and other statuses that end a request).
     pub(super) fn refused_total(&self) -> u64 {
-        lock(&self.shared)
-            .as_ref()
+        self.shared()
             .map_or(0, |s| s.refused_total.load(Ordering::Relaxed))
+    }
+
+    /// Pulls from `consumer` too (or changes how), within `limits`; `pending` is how many
+    /// messages it holds, if known (nothing is asked of a target known to hold none).
+    pub(super) fn pull_from(&self, consumer: &str, limits: TargetLimits, pending: Option<u64>) {
+        let Some(s) = self.shared() else { return };
+        let mut st = lock(&s.state);
+        let found = st
+            .targets
+            .iter_mut()
+            .flatten()
+            .find(|t| t.consumer == consumer);
+        match found {
+            Some(t) => {
+                t.limit = limits.limit.max(1);
+                t.expires = limits.expires;
+                t.retired = false;
+                if let Some(p) = pending {
+                    // What is running or asked for is in the stream's count too.
+                    t.pending = Some(p.saturating_sub((t.running + t.credit) as u64));
+                }
+            }
+            None => {
+                let target = Target {
+                    pull_subject: format!("{}{consumer}", s.pull_prefix),
+                    consumer: consumer.to_string(),
+                    credit: 0,
+                    running: 0,
+                    pending,
+                    limit: limits.limit.max(1),
+                    expires: limits.expires,
+                    retired: false,
+                };
+                match st.targets.iter().position(Option::is_none) {
+                    Some(free) => st.targets[free] = Some(target),
+                    None => st.targets.push(Some(target)),
+                }
+            }
+        }
+        drop(st);
+        s.flush.request();
+    }
+
+    /// No more requests to `consumer`; it is forgotten once nothing of it is asked for or
+    /// running.
+    pub(super) fn stop_pulling_from(&self, consumer: &str) {
+        let Some(s) = self.shared() else { return };
+        let mut st = lock(&s.state);
+        for slot in st.targets.iter_mut() {
+            if slot.as_ref().is_some_and(|t| t.consumer == consumer) {
+                let t = slot.as_mut().expect("just checked");
+                t.retired = true;
+                if t.credit == 0 && t.running == 0 {
+                    *slot = None;
+                }
+            }
+        }
+    }
+
+    /// Every target as the pool sees it now.
+    pub(super) fn targets(&self) -> Vec<TargetState> {
+        let Some(s) = self.shared() else {
+            return Vec::new();
+        };
+        let st = lock(&s.state);
+        st.targets
+            .iter()
+            .flatten()
+            .map(|t| TargetState {
+                consumer: t.consumer.clone(),
+                running: t.running,
+                asked: t.credit,
+                pending: t.pending,
+                limit: t.limit,
+            })
+            .collect()
     }
 
     /// Shutting down: no more pull requests, and the inbox is unsubscribed so that the server
@@ -237,11 +397,13 @@ impl Pullers {
     /// handed back after this goes to another worker, not to a request of this one that
     /// nobody would serve. Never waits on the server.
     pub(super) fn stop(&self) {
-        let shared = lock(&self.shared).clone();
-        if let Some(s) = shared {
+        if let Some(s) = self.shared() {
             let mut st = lock(&s.state);
             st.stopped = true;
             st.credit = 0;
+            for t in st.targets.iter_mut().flatten() {
+                t.credit = 0;
+            }
             if let Some(sub) = st.sub.take() {
                 if let Err(e) = sub.unsubscribe() {
                     log::debug!("unsubscribing the inbox: {e}");
@@ -255,9 +417,9 @@ impl Pullers {
         self.flush.request();
     }
 
-    /// The consumer was re-created: the requests waiting at the old one are gone.
+    /// A consumer was re-created: the requests waiting at the old one are gone.
     pub(super) fn restart(&self) {
-        if let Some(s) = lock(&self.shared).as_ref() {
+        if let Some(s) = self.shared() {
             lock(&s.state).renew = true;
         }
         self.flush.request();
@@ -266,8 +428,7 @@ impl Pullers {
 
 impl Dispatch for Pullers {
     fn dispatch(&self, now: Instant) -> (bool, Option<Instant>) {
-        let shared = lock(&self.shared).clone();
-        match shared {
+        match self.shared() {
             Some(s) => s.dispatch(now),
             None => (false, None),
         }
@@ -280,7 +441,7 @@ fn subscribe(
     n: u64,
 ) -> Result<(nats::Subscription, Inbox), BrokerError> {
     let sub = nc
-        .subscribe(&format!("{prefix}.{n}.*"))
+        .subscribe(&format!("{prefix}.{n}.*.*"))
         .map_err(api("subscribing the pullers' inbox"))?;
     let rx = sub.receiver().clone();
     Ok((sub, Inbox { n, rx }))
@@ -317,33 +478,45 @@ impl Shared {
             }
             st.paused_until = None;
         }
+        let want = st.idle.saturating_sub(st.credit);
+        if want == 0 {
+            return (false, next_run(&st));
+        }
+        let shares = fair_shares(&st.targets, st.turn, want);
+        st.turn = st.turn.wrapping_add(1);
         let mut wrote = false;
-        let mut want = st.idle.saturating_sub(st.credit);
-        while want > 0 {
-            let batch = want.min(st.batch_cap);
-            let reply = format!("{}.{}.{batch}", self.prefix, st.inbox.n);
-            let body = format!(
-                "{{\"batch\":{batch},\"expires\":{}}}",
-                st.expires.as_nanos()
-            );
-            match self.nc.publish_with_reply_or_headers(
-                &self.pull_subject,
-                Some(&reply),
-                None,
-                body.as_bytes(),
-            ) {
-                Ok(()) => {
-                    wrote = true;
-                    st.credit += batch;
-                    want -= batch;
-                    st.quiet_after = Some(now + st.expires + PULL_MARGIN);
-                }
-                // Disconnected with a full reconnect buffer: try again shortly. A closed
-                // connection shows as a closed inbox to the threads.
-                Err(e) => {
-                    log::debug!("pull request not sent: {e}; pausing {PULL_PAUSE:?}");
-                    st.paused_until = Some(now + PULL_PAUSE);
+        for (key, mut count) in shares {
+            while count > 0 {
+                let batch = count.min(st.batch_cap);
+                let Some(t) = st.targets[key].as_ref() else {
                     break;
+                };
+                let expires = t.expires.min(st.expires);
+                let reply = format!("{}.{}.{key}.{batch}", self.prefix, st.inbox.n);
+                let body = format!("{{\"batch\":{batch},\"expires\":{}}}", expires.as_nanos());
+                match self.nc.publish_with_reply_or_headers(
+                    &t.pull_subject,
+                    Some(&reply),
+                    None,
+                    body.as_bytes(),
+                ) {
+                    Ok(()) => {
+                        wrote = true;
+                        st.credit += batch;
+                        if let Some(t) = st.targets[key].as_mut() {
+                            t.credit += batch;
+                        }
+                        count -= batch;
+                        let quiet = now + expires + PULL_MARGIN;
+                        st.quiet_after = Some(st.quiet_after.map_or(quiet, |q| q.max(quiet)));
+                    }
+                    // Disconnected with a full reconnect buffer: try again shortly. A closed
+                    // connection shows as a closed inbox to the threads.
+                    Err(e) => {
+                        log::debug!("pull request not sent: {e}; pausing {PULL_PAUSE:?}");
+                        st.paused_until = Some(now + PULL_PAUSE);
+                        return (wrote, next_run(&st));
+                    }
                 }
             }
         }
@@ -372,6 +545,9 @@ impl Shared {
             }
         }
         st.credit = 0;
+        for t in st.targets.iter_mut().flatten() {
+            t.credit = 0;
+        }
         st.quiet_after = None;
         for msg in old.rx.try_iter() {
             hand_back_unrequested(&msg, &self.ledger);
@@ -382,23 +558,40 @@ impl Shared {
 
     /// A status reply: a request ended without delivering its whole batch.
     fn on_status(&self, st: &mut State, status: &str, msg: &nats::Message) {
-        // `<prefix>.<n>.<batch>`
-        let Some(batch) = msg
-            .subject
-            .rsplit('.')
-            .next()
-            .and_then(|b| b.parse::<usize>().ok())
-        else {
+        // `<prefix>.<n>.<target>.<batch>`
+        let mut tail = msg.subject.rsplit('.');
+        let batch = tail.next().and_then(|b| b.parse::<usize>().ok());
+        let key = tail.next().and_then(|k| k.parse::<usize>().ok());
+        let (Some(batch), Some(key)) = (batch, key) else {
             return;
         };
         let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get(name)).cloned();
+        let give_back = |st: &mut State, n: usize| {
+            let Some(Some(t)) = st.targets.get_mut(key) else {
+                return;
+            };
+            let n = n.min(t.credit);
+            t.credit -= n;
+            st.credit = st.credit.saturating_sub(n);
+        };
         match status {
             // Expired (408) or nothing there (404): what it still owed comes back.
             "408" | "404" => {
                 let owed = header("Nats-Pending-Messages").and_then(|p| p.parse::<usize>().ok());
                 match owed {
-                    Some(owed) => st.credit = st.credit.saturating_sub(owed.min(batch)),
-                    None if batch == 1 => st.credit = st.credit.saturating_sub(1),
+                    Some(owed) => {
+                        give_back(st, owed.min(batch));
+                        if owed > 0 {
+                            // It had fewer messages than asked for: none left, as far as
+                            // anyone here knows.
+                            if let Some(Some(t)) = st.targets.get_mut(key) {
+                                if t.pending.is_some() {
+                                    t.pending = Some(0);
+                                }
+                            }
+                        }
+                    }
+                    None if batch == 1 => give_back(st, 1),
                     // How much it delivered cannot be told: start afresh.
                     None => {
                         log::debug!("a {status} without Nats-Pending-Messages: pulling afresh");
@@ -415,7 +608,7 @@ impl Shared {
                 self.refused_total.fetch_add(1, Ordering::Relaxed);
                 if description.starts_with("Exceeded Max") || status == "400" {
                     // Refused as it came: it never held anything.
-                    st.credit = st.credit.saturating_sub(batch);
+                    give_back(st, batch);
                     adapt_to_limit(st, &description);
                 } else {
                     // Ended by the server (consumer deleted, leadership change, ...).
@@ -440,8 +633,43 @@ impl Shared {
     }
 }
 
-/// When the dispatcher must run next without being asked: at the end of a pause, or when the
-/// latest request is overdue.
+/// Splits `want` messages among the targets with room, one at a time to the one with the
+/// fewest running or asked for (ties go round from `turn`): a target with a deep backlog gets
+/// no more than its share while others have work. Returns (target, count) pairs.
+fn fair_shares(targets: &[Option<Target>], turn: usize, want: usize) -> Vec<(usize, usize)> {
+    let n = targets.len();
+    if n == 1 {
+        let room = targets[0].as_ref().map_or(0, Target::room);
+        return vec![(0, want.min(room))];
+    }
+    let mut given = vec![0usize; n];
+    let mut left = want;
+    while left > 0 {
+        let mut best: Option<(usize, usize)> = None;
+        for i in 0..n {
+            let key = (turn + i) % n;
+            let Some(t) = targets[key].as_ref() else {
+                continue;
+            };
+            if t.room() <= given[key] {
+                continue;
+            }
+            let load = t.running + t.credit + given[key];
+            if best.is_none_or(|(_, l)| load < l) {
+                best = Some((key, load));
+            }
+        }
+        let Some((key, _)) = best else { break };
+        given[key] += 1;
+        left -= 1;
+    }
+    given
+        .into_iter()
+        .enumerate()
+        .filter(|&(_, c)| c > 0)
+        .collect()
+}
+
 fn next_run(st: &State) -> Option<Instant> {
     match (st.paused_until, st.quiet_after.filter(|_| st.credit > 0)) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -473,6 +701,8 @@ pub struct Puller {
     wake: Receiver<()>,
     /// Counted among the pool's idle threads.
     idle: bool,
+    /// The target of the delivery this thread works on.
+    current: Option<TargetKey>,
 }
 
 impl Puller {
@@ -522,18 +752,36 @@ impl Puller {
             if msg.reply.is_none() {
                 continue;
             }
-            if st.credit == 0 {
+            let Some(key) = attribute(&mut st, &msg) else {
                 // Nobody asked for it. Holding it would let its ack window run out unleased,
                 // and the server would deliver it again.
                 drop(st);
                 hand_back_unrequested(&msg, &sh.ledger);
                 continue;
-            }
+            };
             st.credit -= 1;
             st.idle -= 1;
             self.idle = false;
+            self.current = Some(TargetKey(key));
             drop(st);
             return Ok(Some(Delivery::new(msg, &sh.ledger)));
+        }
+    }
+
+    /// This thread is done with its delivery (acked, handed back or held for a retry): its
+    /// target has one fewer running. Called before this thread counts itself idle.
+    fn finish_current(current: &mut Option<TargetKey>, st: &mut State) {
+        let Some(TargetKey(key)) = current.take() else {
+            return;
+        };
+        let Some(slot) = st.targets.get_mut(key) else {
+            return;
+        };
+        if let Some(t) = slot.as_mut() {
+            t.running = t.running.saturating_sub(1);
+            if t.retired && t.running == 0 && t.credit == 0 {
+                *slot = None;
+            }
         }
     }
 
@@ -542,6 +790,7 @@ impl Puller {
     fn enter_idle(&mut self) -> Inbox {
         let sh = &*self.shared;
         let mut st = lock(&sh.state);
+        Puller::finish_current(&mut self.current, &mut st);
         let mut ask = false;
         if !self.idle {
             self.idle = true;
@@ -557,9 +806,11 @@ impl Puller {
     }
 
     fn leave_idle(&mut self) {
+        let shared = self.shared.clone();
+        let mut st = lock(&shared.state);
+        Puller::finish_current(&mut self.current, &mut st);
         if self.idle {
             self.idle = false;
-            let mut st = lock(&self.shared.state);
             st.idle -= 1;
             // The credit may not exceed the idle threads; the surplus comes back by 408.
             st.credit = st.credit.min(st.idle);
@@ -582,6 +833,34 @@ impl Drop for Puller {
     }
 }
 
+/// Which target asked for a delivery: the one target, or the one its ack subject names.
+/// Counts it running there and takes it off that target's credit; `None` when no target has
+/// credit for it.
+fn attribute(st: &mut State, msg: &nats::Message) -> Option<usize> {
+    if st.credit == 0 {
+        return None;
+    }
+    let info = msg.reply.as_deref().and_then(parse_ack_subject);
+    let key = if st.targets.len() == 1 {
+        0
+    } else {
+        let consumer = info.as_ref()?.consumer;
+        st.targets
+            .iter()
+            .position(|t| t.as_ref().is_some_and(|t| t.consumer == consumer))?
+    };
+    let t = st.targets[key].as_mut()?;
+    if t.credit == 0 {
+        return None;
+    }
+    t.credit -= 1;
+    t.running += 1;
+    if let (Some(_), Some(info)) = (t.pending, info) {
+        t.pending = Some(info.pending);
+    }
+    Some(key)
+}
+
 /// Hands a delivery nobody asked for back to the server at once, for another thread.
 fn hand_back_unrequested(msg: &nats::Message, ledger: &AckLedger) {
     if status_of(msg).is_some() || msg.reply.is_none() {
@@ -591,9 +870,104 @@ fn hand_back_unrequested(msg: &nats::Message, ledger: &AckLedger) {
         .reply
         .as_deref()
         .and_then(parse_ack_subject)
-        .map_or(0, |(seq, _)| seq);
+        .map_or(0, |a| a.stream_seq);
     log::debug!(stream_seq = seq; "handing back a delivery no idle thread asked for");
     if let Err(e) = ledger.record(msg.ack_kind(AckKind::Nak)) {
         log::debug!(stream_seq = seq; "could not hand back an unrequested delivery: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(running: usize, credit: usize, pending: Option<u64>, limit: usize) -> Option<Target> {
+        Some(Target {
+            consumer: String::new(),
+            pull_subject: String::new(),
+            credit,
+            running,
+            pending,
+            limit,
+            expires: PULL_EXPIRES,
+            retired: false,
+        })
+    }
+
+    #[test]
+    fn one_target_gets_what_it_has_room_for() {
+        assert_eq!(
+            fair_shares(&[target(3, 1, None, usize::MAX)], 0, 5),
+            [(0, 5)]
+        );
+        assert_eq!(fair_shares(&[target(3, 1, None, 6)], 0, 5), [(0, 2)]);
+        assert_eq!(fair_shares(&[target(0, 1, Some(3), 10)], 0, 5), [(0, 2)]);
+    }
+
+    #[test]
+    fn a_deep_backlog_gets_no_more_than_its_share() {
+        // A: 20,000 waiting, 12 running; B: 100 waiting, nothing running; 4 threads free.
+        let targets = [target(12, 0, Some(20_000), 16), target(0, 0, Some(100), 16)];
+        assert_eq!(fair_shares(&targets, 0, 4), [(1, 4)]);
+        // Both even: the free threads are shared.
+        let targets = [target(4, 0, Some(20_000), 16), target(4, 0, Some(100), 16)];
+        assert_eq!(fair_shares(&targets, 0, 4), [(0, 2), (1, 2)]);
+    }
+
+    #[test]
+    fn targets_without_work_or_at_their_limit_get_nothing() {
+        let mut retired = target(0, 0, None, 16);
+        retired.as_mut().unwrap().retired = true;
+        let targets = [
+            target(0, 0, Some(0), 16),
+            target(8, 0, Some(50), 8),
+            None,
+            retired,
+            target(1, 0, Some(2), 16),
+        ];
+        assert_eq!(fair_shares(&targets, 0, 10), [(4, 2)]);
+    }
+
+    #[test]
+    fn ties_go_round() {
+        let targets = [
+            target(0, 0, None, 16),
+            target(0, 0, None, 16),
+            target(0, 0, None, 16),
+        ];
+        assert_eq!(fair_shares(&targets, 0, 1), [(0, 1)]);
+        assert_eq!(fair_shares(&targets, 1, 1), [(1, 1)]);
+        assert_eq!(fair_shares(&targets, 2, 1), [(2, 1)]);
+    }
+
+    #[test]
+    fn limits_learned_from_a_refusal() {
+        let (_, rx) = crossbeam_channel::unbounded();
+        let mut st = State {
+            inbox: Inbox { n: 0, rx },
+            sub: None,
+            generation: 0,
+            renew: false,
+            stopped: false,
+            idle: 0,
+            credit: 0,
+            targets: Vec::new(),
+            turn: 0,
+            quiet_after: None,
+            paused_until: None,
+            refused: None,
+            batch_cap: MAX_BATCH,
+            expires: PULL_EXPIRES,
+        };
+        adapt_to_limit(&mut st, "Exceeded MaxRequestBatch of 10");
+        assert_eq!(st.batch_cap, 10);
+        adapt_to_limit(&mut st, "Exceeded MaxRequestExpires of 5s");
+        assert_eq!(st.expires, Duration::from_millis(4900));
+        adapt_to_limit(&mut st, "Exceeded MaxRequestExpires of 1é");
+        assert_eq!(
+            st.expires,
+            Duration::from_millis(4900),
+            "a bad limit changes nothing"
+        );
     }
 }
