@@ -2,7 +2,7 @@
 //! line for Loki or ELK. Structured fields (`call_id`, `function`, `status`, `duration_ms`,
 //! `attempt`, `stream_seq`) travel as `log` key-values and appear in both forms.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 
 use env_logger::fmt::Formatter;
 use log::kv::{Key, Value, VisitSource};
@@ -38,7 +38,12 @@ pub fn init(config: &LogConfig) {
                 .format(format_json);
         }
         LogEncoding::Console => {
-            builder.format(format_console);
+            // Coloured only on a terminal, decided once: with "Auto" every line would be
+            // checked against the terminal and scanned for escape codes to strip.
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            builder
+                .write_style(env_logger::WriteStyle::Always)
+                .format(move |buf, record| format_console(buf, record, colour));
         }
     }
     if builder.try_init().is_ok() {
@@ -127,10 +132,21 @@ impl<'kvs> VisitSource<'kvs> for JsonFields<'_> {
     }
 }
 
-fn format_console(buf: &mut Formatter, record: &log::Record<'_>) -> std::io::Result<()> {
-    let style = buf.default_level_style(record.level());
+fn format_console(
+    buf: &mut Formatter,
+    record: &log::Record<'_>,
+    colour: bool,
+) -> std::io::Result<()> {
+    let style = if colour {
+        buf.default_level_style(record.level())
+    } else {
+        env_logger::fmt::style::Style::new()
+    };
     // Messages and fields may carry queued text: one record is one line, whatever it holds.
-    let message = record.args().to_string();
+    let message = match record.args().as_str() {
+        Some(text) => std::borrow::Cow::Borrowed(text),
+        None => std::borrow::Cow::Owned(record.args().to_string()),
+    };
     write!(
         buf,
         "{} {style}{:<5}{style:#} {}",
@@ -164,7 +180,8 @@ struct ConsoleFields(String);
 
 impl<'kvs> VisitSource<'kvs> for ConsoleFields {
     fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), log::kv::Error> {
-        self.0.push_str(&format!(" {key}={value}"));
+        use std::fmt::Write as _;
+        let _ = write!(self.0, " {key}={value}");
         Ok(())
     }
 }

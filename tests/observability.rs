@@ -403,20 +403,37 @@ fn a_refused_pull_is_logged_once_while_it_repeats() {
         )
         .unwrap();
     }
+    // Another client's pull request takes the one waiting place, for a minute.
+    let holder = connect(&nats.url());
+    let inbox = holder.new_inbox();
+    let held = holder.subscribe(&inbox).unwrap();
+    holder
+        .publish_request(
+            &format!("$JS.API.CONSUMER.MSG.NEXT.{STREAM}.faas-workers"),
+            &inbox,
+            br#"{"batch":1,"expires":60000000000}"#,
+        )
+        .unwrap();
+    holder.flush().unwrap();
     let function = FunctionServer::ok();
     let worker = Worker::start_ready(nats.url(), function.url(), &[("max_inflight", "3")]);
-    // Two threads are refused every second: several rounds of it.
-    worker.wait_metric("queue_worker_pull_refused_total", SECS(20), |v| v >= 8.0);
+    // The worker's requests are refused, and asked again every second: several rounds of it.
+    worker.wait_metric("queue_worker_pull_refused_total", SECS(20), |v| v >= 4.0);
     let refused = worker
         .logs()
         .lines()
         .filter(|l| l.contains("pull request refused"))
         .count();
     assert_eq!(refused, 1, "{}", worker.log_tail());
-    // Work still flows through the thread whose pull was accepted.
+    // Once the place is free, work flows, and the refusal is logged as cleared.
+    held.unsubscribe().unwrap();
+    drop(holder);
     let nc = connect(&nats.url());
     publish_json(&nc, QUEUE, &gateway_request("fine", b""));
     function.wait_for_count(1, SECS(10));
+    wait_until(SECS(10), "the refusal logged as cleared", || {
+        worker.logs().contains("pull requests accepted again")
+    });
 }
 
 #[test]

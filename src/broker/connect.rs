@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::ack::AckLedger;
 use super::flush::{self, Flusher};
 use super::provision::Streams;
-use super::pull::{Pullers, Wakes};
+use super::pull::Pullers;
 use super::{Access, Broker, BrokerError, ConnectionEvents, NatsAuth};
 
 /// How often a connection attempt in progress looks for a shutdown request.
@@ -201,7 +201,6 @@ impl Broker {
         // Errors and logs name the servers without their credentials.
         let shown = crate::url::redact_list(access.urls);
         let generation = Arc::new(AtomicU64::new(0));
-        let wakes = Arc::new(Wakes::default());
         let ledger = Arc::new(AckLedger::default());
         let mut options = options(access).map_err(|why| BrokerError::Refused {
             urls: shown.clone(),
@@ -266,7 +265,6 @@ impl Broker {
         gate.store(true, Ordering::SeqCst);
         let pullers = Arc::new(Pullers::new(
             nc.new_inbox(),
-            wakes,
             ledger.clone(),
             generation,
             flush.clone(),

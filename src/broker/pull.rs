@@ -17,15 +17,16 @@
 //! leader; a re-created consumer; a credit that outlived every request) the dispatcher starts
 //! afresh on inbox `n + 1`, unsubscribes the old one (the server drops requests whose inbox has
 //! no interest) and hands back (NAK) at once whatever still arrives on it: no thread ever gets
-//! a delivery it did not ask for. A local channel per thread wakes an idle one on shutdown and
-//! after a reconnect: waking needs no round trip through a server that may be gone.
+//! a delivery it did not ask for. Closing an inbox wakes every thread waiting on it, which then
+//! moves to the new one or, on shutdown, ends: waking needs no round trip through a server
+//! that may be gone.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use nats::jetstream::AckKind;
 
 use super::ack::{parse_ack_subject, AckHandle, AckLedger, Delivery, TargetKey};
@@ -45,21 +46,6 @@ const PULL_PAUSE: Duration = Duration::from_secs(1);
 const MAX_BATCH: usize = 256;
 /// The longest an idle thread waits before it looks at the stop flag and the inbox again.
 const IDLE_WAIT: Duration = Duration::from_secs(5);
-
-/// One wake-up channel per puller, in puller order. Waking is local: it never waits, whatever
-/// the connection does.
-#[derive(Default)]
-pub(super) struct Wakes(Mutex<Vec<Sender<()>>>);
-
-impl Wakes {
-    /// Wakes every idle puller at once.
-    pub(super) fn wake_all(&self) {
-        for wake in lock(&self.0).iter() {
-            // A full channel already holds a wake-up.
-            let _ = wake.try_send(());
-        }
-    }
-}
 
 /// The pool's inbox of one generation: deliveries and status replies of its requests.
 #[derive(Clone)]
@@ -159,7 +145,6 @@ struct Shared {
     /// `$JS.API.CONSUMER.MSG.NEXT.<stream>.`
     pull_prefix: String,
     state: Mutex<State>,
-    wakes: Arc<Wakes>,
     flush: FlushRequester,
     ledger: Arc<AckLedger>,
     /// Bumped on every reconnect (and a new consumer leader): requests made before may be
@@ -172,7 +157,6 @@ struct Shared {
 pub(super) struct Pullers {
     shared: Mutex<Option<Arc<Shared>>>,
     prefix: String,
-    wakes: Arc<Wakes>,
     ledger: Arc<AckLedger>,
     generation: Arc<AtomicU64>,
     flush: FlushRequester,
@@ -183,7 +167,6 @@ pub(super) struct Pullers {
 impl Pullers {
     pub(super) fn new(
         prefix: String,
-        wakes: Arc<Wakes>,
         ledger: Arc<AckLedger>,
         generation: Arc<AtomicU64>,
         flush: FlushRequester,
@@ -191,7 +174,6 @@ impl Pullers {
         Pullers {
             shared: Mutex::new(None),
             prefix,
-            wakes,
             ledger,
             generation,
             flush,
@@ -285,7 +267,6 @@ impl Pullers {
                             batch_cap: MAX_BATCH,
                             expires: PULL_EXPIRES,
                         }),
-                        wakes: self.wakes.clone(),
                         flush: self.flush.clone(),
                         ledger: self.ledger.clone(),
                         generation: self.generation.clone(),
@@ -296,11 +277,8 @@ impl Pullers {
                 }
             }
         };
-        let (wake_tx, wake) = crossbeam_channel::bounded(1);
-        lock(&self.wakes.0).push(wake_tx);
         Ok(Puller {
             shared,
-            wake,
             idle: false,
             current: None,
         })
@@ -413,7 +391,6 @@ impl Pullers {
                 hand_back_unrequested(&msg, &s.ledger);
             }
         }
-        self.wakes.wake_all();
         self.flush.request();
     }
 
@@ -549,11 +526,10 @@ impl Shared {
             t.credit = 0;
         }
         st.quiet_after = None;
+        // Threads waiting on the old inbox see it closed, and move to the new one.
         for msg in old.rx.try_iter() {
             hand_back_unrequested(&msg, &self.ledger);
         }
-        // Threads waiting on the old inbox move to the new one.
-        self.wakes.wake_all();
     }
 
     /// A status reply: a request ended without delivering its whole batch.
@@ -698,7 +674,6 @@ fn adapt_to_limit(st: &mut State, description: &str) {
 /// Waits for messages for one worker thread, from the pool's shared inbox.
 pub struct Puller {
     shared: Arc<Shared>,
-    wake: Receiver<()>,
     /// Counted among the pool's idle threads.
     idle: bool,
     /// The target of the delivery this thread works on.
@@ -706,7 +681,8 @@ pub struct Puller {
 }
 
 impl Puller {
-    /// Waits for the next message. `None` once `stop` is set (wake the pullers after setting it).
+    /// Waits for the next message. `None` once `stop` is set and the pool stopped
+    /// ([`Pullers::stop`] closes the inbox, which wakes every waiting thread).
     pub(crate) fn next(&mut self, stop: &AtomicBool) -> Result<Option<Delivery>, BrokerError> {
         let shared = self.shared.clone();
         let sh = &*shared;
@@ -716,21 +692,27 @@ impl Puller {
                 return Ok(None);
             }
             let inbox = self.enter_idle();
-            let msg = crossbeam_channel::select! {
-                recv(inbox.rx) -> msg => msg,
-                recv(self.wake) -> _ => continue,
-                default(IDLE_WAIT) => continue,
+            let msg = match inbox.rx.recv_timeout(IDLE_WAIT) {
+                Ok(msg) => msg,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Unsubscribed: retired (move to the new one), stopped, or the connection
+                    // is closed.
+                    let st = lock(&sh.state);
+                    let (stopped, current) = (st.stopped, st.inbox.n == inbox.n);
+                    drop(st);
+                    if stopped {
+                        self.leave_idle();
+                        return Ok(None);
+                    }
+                    if current {
+                        self.leave_idle();
+                        return Err(BrokerError::Closed);
+                    }
+                    continue;
+                }
             };
             let mut st = lock(&sh.state);
-            let Ok(msg) = msg else {
-                // The inbox is closed: retired (move to the new one), or the connection is.
-                if st.inbox.n == inbox.n {
-                    drop(st);
-                    self.leave_idle();
-                    return Err(BrokerError::Closed);
-                }
-                continue;
-            };
             if st.inbox.n != inbox.n {
                 // Asked for on an inbox given up: its thread's credit is gone.
                 drop(st);
@@ -763,6 +745,7 @@ impl Puller {
             st.idle -= 1;
             self.idle = false;
             self.current = Some(TargetKey(key));
+            sh.accepted(&mut st);
             drop(st);
             return Ok(Some(Delivery::new(msg, &sh.ledger)));
         }
