@@ -1566,7 +1566,10 @@ mod tests {
         }
         // Per-function consumers are named after nats_durable: a bounded length.
         let long = "d".repeat(MAX_FUNCTION_MODE_DURABLE + 1);
-        assert!(config(&[("nats_durable", &long)]).is_ok(), "static: any name");
+        assert!(
+            config(&[("nats_durable", &long)]).is_ok(),
+            "static: any name"
+        );
         let err = config(&[("scaling_mode", "function"), ("nats_durable", &long)]).unwrap_err();
         assert_eq!(err.var, "nats_durable");
     }

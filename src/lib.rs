@@ -20,11 +20,15 @@
 //! - `endpoint`: `/metrics`, `/healthz` and `/readyz` over HTTP.
 //! - `sync`: taking a lock whether or not it is poisoned.
 //! - [`logging`]: console or JSON log lines.
+//! - `function_mode`: function mode's broker pieces behind one handle, for the integration
+//!   tests (hidden from the docs).
 
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod error;
+#[doc(hidden)]
+pub mod function_mode;
 pub mod logging;
 pub mod request;
 pub mod supervisor;

@@ -236,7 +236,10 @@ fn the_openfaas_chart_env_block_starts_the_worker() {
         .collect();
     // Four the worker does not act on, and two of function mode's (this is static mode).
     assert_eq!(infos.len(), 6, "one line per inert setting: {infos:?}");
-    let static_only = infos.iter().filter(|m| m.contains("in static mode")).count();
+    let static_only = infos
+        .iter()
+        .filter(|m| m.contains("in static mode"))
+        .count();
     assert_eq!(static_only, 2, "{infos:?}");
     let w = warnings(&worker);
     assert!(

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::ack::AckLedger;
 use super::flush::Flusher;
+use super::functions::Functions;
 use super::provision::Streams;
 use super::pull::{Pullers, Wakes};
 use super::{Access, Broker, BrokerError, ConnectionEvents, NatsAuth};
@@ -263,6 +264,7 @@ impl Broker {
         })?;
         Ok(Broker {
             streams: Streams::new(&nc),
+            functions: Functions::new(&nc),
             pullers: Pullers::new(nc.new_inbox(), wakes, ledger.clone(), generation),
             flusher,
             nc,
