@@ -77,6 +77,9 @@ pub(crate) const MAX_CONSUMERS: usize = 10_000;
 /// Pages of a paged JetStream API answer read at most (each adds at least one item).
 const MAX_PAGES: usize = 1_000;
 
+/// JetStream's error code for "stream not found".
+const STREAM_NOT_FOUND: u64 = 10059;
+
 /// What function mode needs beyond the queue's [`QueueSpec`].
 #[derive(Debug, Clone)]
 pub(crate) struct FunctionSpec {
@@ -542,6 +545,9 @@ impl Functions {
             let body = serde_json::json!({ "offset": all.len() });
             let page: ConsumersPage = self.request(&subject, &body, &step)?;
             if let Some(error) = page.error {
+                if error["err_code"] == STREAM_NOT_FOUND {
+                    return Ok(Vec::new()); // no stream, no consumers
+                }
                 return Err(api(&step)(io::Error::other(error.to_string())));
             }
             let consumers = page.consumers.unwrap_or_default();

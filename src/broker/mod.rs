@@ -220,6 +220,8 @@ impl Broker {
     pub(crate) fn provision(&self, spec: &QueueSpec) -> Result<Provisioned, BrokerError> {
         match self.streams.provision(spec) {
             Err(BrokerError::Conflict(why)) => {
+                // The conflict may be a stream's (then there is nothing of function mode to
+                // hand over, and the stream's error stands).
                 let stream = QueueSpec {
                     stream: self.streams.queue_stream(spec)?,
                     ..spec.clone()
