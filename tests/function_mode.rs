@@ -525,6 +525,80 @@ fn static_mode_takes_over_from_idle_function_mode_consumers() {
     assert_eq!(info.num_pending, 1, "a's message, kept in the stream");
 }
 
+#[test]
+fn status_lists_the_function_consumers_with_pending_and_ack_pending() {
+    let nats = NatsServer::start();
+    let env = [("nats_url", nats.url())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let fb = broker(&nats, &[]);
+    let out = run_cli(&["status"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Nothing of function mode yet: nothing about it.
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!text.contains("function consumers"), "{text}");
+    let nc = connect(&nats.url());
+    publish_to(&nc, Some("figlet.openfaas-fn"), 3);
+    publish_to(&nc, None, 1);
+    let figlet = fb.ensure(Some("figlet.openfaas-fn")).unwrap();
+    fb.ensure(None).unwrap();
+    let _running = pull_one(&nc, &figlet);
+    let out = run_cli(&["status"], &env);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("function consumers (2)"), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains(&figlet))
+        .unwrap_or_else(|| panic!("no line for {figlet}: {text}"));
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields, ["figlet.openfaas-fn", "2", "1", figlet.as_str()]);
+    assert!(text.contains("(plain)"), "{text}");
+    let out = run_cli(&["status", "--json"], &env);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = json["function_consumers"].as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0]["function"], serde_json::Value::Null);
+    assert_eq!(listed[1]["function"], "figlet.openfaas-fn");
+    assert_eq!(listed[1]["pending"], 2);
+    assert_eq!(listed[1]["ack_pending"], 1);
+}
+
+#[test]
+fn static_mode_exports_pending_messages_per_function() {
+    let nats = NatsServer::start();
+    // Calls wait for the test's word, so the counts hold still while they are read.
+    let release = Arc::new(AtomicBool::new(false));
+    let function = {
+        let release = release.clone();
+        FunctionServer::from_fn(move |_| {
+            while !release.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Reply::ok("")
+        })
+    };
+    let worker = Worker::start_ready(nats.url(), function.url(), &[("max_inflight", "1")]);
+    let nc = connect(&nats.url());
+    publish_to(&nc, Some("a"), 3);
+    publish_to(&nc, Some("b.ns"), 2);
+    publish_to(&nc, None, 1);
+    let series = |f: &str| {
+        format!("queue_worker_pending_messages{{function_name=\"{f}\",queue_name=\"{QUEUE}\"}}")
+    };
+    // a's first message runs (still stored), the rest wait.
+    worker.wait_metric(&series("a"), SECS(15), |v| v == 3.0);
+    worker.wait_metric(&series("b.ns"), SECS(15), |v| v == 2.0);
+    let queue = format!("queue_worker_pending_messages{{queue_name=\"{QUEUE}\"}}");
+    worker.wait_metric(&queue, SECS(15), |v| v == 5.0);
+    release.store(true, Ordering::SeqCst);
+    function.wait_for_count(6, SECS(15));
+    worker.wait_metric(&series("a"), SECS(15), |v| v == 0.0);
+    worker.wait_metric(&series("b.ns"), SECS(15), |v| v == 0.0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The worker in function mode: these need the scheduler (issue 14) and are ignored until then.
 
