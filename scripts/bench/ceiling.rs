@@ -1,7 +1,7 @@
 //! `bench-ceiling`: load generators and probes for the benchmark harness (scripts/bench.sh).
 //!
 //! ```text
-//! bench-ceiling fill          --nats URL --stream S --subject SUBJ --count N --body-size BYTES [--function NAME] [--window W] [--window-bytes B]
+//! bench-ceiling fill          --nats URL --stream S --subject SUBJ --count N --body-size BYTES [--function NAME] [--stream-subjects LIST] [--window W] [--window-bytes B]
 //! bench-ceiling consume       --nats URL --stream S --durable D --threads T --batch B --count N [--subject SUBJ] [--timeout-s S]
 //! bench-ceiling http          --url URL --threads T --count N [--body-size BYTES]
 //! bench-ceiling delete-stream --nats URL --stream S
@@ -9,8 +9,9 @@
 //! bench-ceiling wait-count    --url URL --target N [--interval-ms 20] [--timeout-s 600] [--stall-s S] [--pid PID]
 //! ```
 //!
-//! * `fill` creates the stream if missing (work-queue retention, file storage, one replica) and
-//!   enqueues N OpenFaaS `QueueRequest` messages, pipelined: core publishes with a reply subject
+//! * `fill` creates the stream if missing (work-queue retention, file storage, one replica; on
+//!   `--stream-subjects`, a comma list such as `Q,Q.>`, else on SUBJ) and enqueues N OpenFaaS
+//!   `QueueRequest` messages for the function NAME, pipelined: core publishes with a reply subject
 //!   on our own wildcard inbox, up to `--window` (1000) PubAcks and `--window-bytes` (16 MiB)
 //!   outstanding, retrying the ones that fail or time out. Prints the fill rate to stderr.
 //! * `consume` measures the JetStream ceiling J: T threads, each with its own pull subscription on
@@ -49,7 +50,7 @@ use nats::jetstream::{
 type Res<T> = Result<T, Box<dyn Error>>;
 
 const USAGE: &str = "usage: bench-ceiling <fill|consume|http|delete-stream|wait-http|wait-count> [options]
-  fill          --nats URL --stream S --subject SUBJ --count N --body-size BYTES [--function NAME] [--window W] [--window-bytes B]
+  fill          --nats URL --stream S --subject SUBJ --count N --body-size BYTES [--function NAME] [--stream-subjects LIST] [--window W] [--window-bytes B]
   consume       --nats URL --stream S --durable D --threads T --batch B --count N [--subject SUBJ] [--timeout-s S]
   http          --url URL --threads T --count N [--body-size BYTES]
   delete-stream --nats URL --stream S
@@ -82,6 +83,10 @@ fn run() -> Res<()> {
             Long("nats") => o.nats = parser.value()?.string()?,
             Long("stream") => o.stream = parser.value()?.string()?,
             Long("subject") => o.subject = Some(parser.value()?.string()?),
+            Long("stream-subjects") => {
+                let list = parser.value()?.string()?;
+                o.stream_subjects = Some(list.split(',').map(|s| s.trim().to_string()).collect());
+            }
             Long("durable") => o.durable = parser.value()?.string()?,
             Long("function") => o.function = parser.value()?.string()?,
             Long("url") => o.url = parser.value()?.string()?,
@@ -120,6 +125,8 @@ struct Opts {
     nats: String,
     stream: String,
     subject: Option<String>,
+    /// `fill`: the subjects of a stream it creates (default: the subject).
+    stream_subjects: Option<Vec<String>>,
     durable: String,
     function: String,
     url: String,
@@ -142,6 +149,7 @@ impl Default for Opts {
             nats: "nats://127.0.0.1:4222".into(),
             stream: String::new(),
             subject: None,
+            stream_subjects: None,
             durable: "faas-workers".into(),
             function: "noop".into(),
             url: String::new(),
@@ -197,10 +205,20 @@ fn connect(url: &str) -> Res<nats::Connection> {
     Ok(nc)
 }
 
-fn ensure_stream(js: &JetStream, stream: &str, subject: &str) -> Res<()> {
+/// Whether the stream subject pattern `pattern` (a literal, or ending in `.>`) captures `subject`.
+fn captures(pattern: &str, subject: &str) -> bool {
+    match pattern.strip_suffix(".>") {
+        Some(prefix) => {
+            subject.len() > prefix.len() + 1 && subject.starts_with(&format!("{prefix}."))
+        }
+        None => pattern == subject,
+    }
+}
+
+fn ensure_stream(js: &JetStream, stream: &str, subject: &str, subjects: &[String]) -> Res<()> {
     match js.stream_info(stream) {
         Ok(info) => {
-            if !info.config.subjects.iter().any(|s| s == subject) {
+            if !info.config.subjects.iter().any(|s| captures(s, subject)) {
                 eprintln!(
                     "bench-ceiling: warning: stream {stream} exists with subjects {:?}, not {subject}",
                     info.config.subjects
@@ -211,7 +229,7 @@ fn ensure_stream(js: &JetStream, stream: &str, subject: &str) -> Res<()> {
         Err(_) => {
             js.add_stream(StreamConfig {
                 name: stream.to_string(),
-                subjects: vec![subject.to_string()],
+                subjects: subjects.to_vec(),
                 retention: RetentionPolicy::WorkQueue,
                 storage: StorageType::File,
                 num_replicas: 1,
@@ -256,7 +274,11 @@ fn fill(o: &Opts) -> Res<()> {
 
     let nc = connect(&o.nats)?;
     let js = nats::jetstream::new(nc.clone());
-    ensure_stream(&js, stream, &subject)?;
+    let subjects = o
+        .stream_subjects
+        .clone()
+        .unwrap_or_else(|| vec![subject.clone()]);
+    ensure_stream(&js, stream, &subject, &subjects)?;
     if n == 0 {
         eprintln!("bench-ceiling: fill: stream {stream} ready, nothing to enqueue");
         return Ok(());

@@ -84,7 +84,8 @@ const STREAM_NOT_FOUND: u64 = 10059;
 #[derive(Debug, Clone)]
 pub(crate) struct FunctionSpec {
     /// The stream, the queue `Q`, `nats_durable` and the consumer settings every per-function
-    /// consumer is made with (as the static consumer is).
+    /// consumer is made with (as the static consumer is). Set `queue.stream` to the stream
+    /// that provisioning found ([`super::Broker::provision_stream`]), as for static mode.
     pub queue: QueueSpec,
     /// `consumer_inactive_threshold`: the server removes a per-function consumer after this
     /// long without a pull.
