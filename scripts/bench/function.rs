@@ -43,6 +43,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Upper bound on the request head (request line plus headers).
 const MAX_HEAD: usize = 64 * 1024;
 
+/// One answered function request in the `--record` log: arrived and answered (epoch
+/// microseconds), status, function name.
+type LogEntry = (u64, u64, u16, String);
+
 struct Shared {
     count: AtomicU64,
     /// Epoch microseconds of the first and the latest counted request; 0 = none yet.
@@ -57,7 +61,7 @@ struct Shared {
     max_active: AtomicUsize,
     rejected: AtomicU64,
     /// `--record`: (arrived_us, done_us, status, function name) of each function request.
-    log: Option<Mutex<Vec<(u64, u64, u16, String)>>>,
+    log: Option<Mutex<Vec<LogEntry>>>,
 }
 
 fn main() {
