@@ -599,6 +599,16 @@ fn static_mode_exports_pending_messages_per_function() {
     worker.wait_metric(&series("b.ns"), SECS(15), |v| v == 0.0);
 }
 
+/// Until the scheduler is wired in, the worker refuses function mode rather than run static mode
+/// under its name (`status` and the settings work). Remove with the guard in src/main.rs.
+#[test]
+fn this_build_refuses_to_run_function_mode() {
+    let out = run_cli(&[], &[("scaling_mode", "function")]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("scaling_mode=function"), "{stderr}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The worker in function mode: these need the scheduler (issue 14) and are ignored until then.
 
