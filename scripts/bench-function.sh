@@ -122,9 +122,8 @@ case_fair() {   # fairness: A's burst, then B
     local mode=$1 t_b t_b_end log
     new_stream
     reset_count "$FAIR_PORT"
-    "$CEIL" fill --nats "$NATS_URL" --stream "$STREAM" --subject "$STREAM.A" \
-        --stream-subjects "$STREAM,$STREAM.>" --count "$A_COUNT" --body-size 128 --function A \
-        2>>"$TMP/fill.log"
+    "$CEIL" fill --nats "$NATS_URL" --stream "$STREAM" --queue "$STREAM" --function A \
+        --count "$A_COUNT" --body-size 128 2>>"$TMP/fill.log"
     start_mode_worker "$mode" 16 "$FAIR_PORT" "$STREAM"
     if ! ready_or_refused; then
         log "bench: FAIR in $mode mode: skipped (this build refuses scaling_mode=$mode)"
@@ -134,8 +133,8 @@ case_fair() {   # fairness: A's burst, then B
     fi
     wait_function_count "$FAIR_PORT" A 200   # A's backlog is being worked on
     t_b=$(now_us)
-    "$CEIL" fill --nats "$NATS_URL" --stream "$STREAM" --subject "$STREAM.B" \
-        --count "$B_COUNT" --body-size 128 --function B 2>>"$TMP/fill.log"
+    "$CEIL" fill --nats "$NATS_URL" --stream "$STREAM" --queue "$STREAM" --function B \
+        --count "$B_COUNT" --body-size 128 2>>"$TMP/fill.log"
     t_b_end=$(now_us)
     wait_function_count "$FAIR_PORT" B "$B_COUNT"
     "$CEIL" wait-count --url "http://127.0.0.1:$FAIR_PORT/_stats" --target $((A_COUNT + B_COUNT)) \
@@ -179,9 +178,8 @@ case_adapt() {   # adaptive concurrency against a capacity-limited function
     [[ $mode == static ]] || label="$mode, limiter_enabled=$limiter"
     new_stream
     reset_count "$ADAPT_PORT"
-    "$CEIL" fill --nats "$NATS_URL" --stream "$STREAM" --subject "$STREAM.narrow" \
-        --stream-subjects "$STREAM,$STREAM.>" --count "$ADAPT_COUNT" --body-size 128 \
-        --function narrow 2>>"$TMP/fill.log"
+    "$CEIL" fill --nats "$NATS_URL" --stream "$STREAM" --queue "$STREAM" --function narrow \
+        --count "$ADAPT_COUNT" --body-size 128 2>>"$TMP/fill.log"
     start_mode_worker "$mode" "$ADAPT_INFLIGHT" "$ADAPT_PORT" "$STREAM" \
         limiter_enabled="$limiter" initial_retry_wait="$RETRY_WAIT" max_retry_wait="$MAX_RETRY_WAIT"
     if ! ready_or_refused; then

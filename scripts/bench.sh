@@ -27,25 +27,41 @@
 #   BENCH_BIN_DIR=target/release/examples   where bench-function and bench-ceiling are
 #   BENCH_WORKER=target/release/queue-worker
 #   BENCH_KEEP_TMP=1         keep the temp dir (nats store, logs) for inspection
+#   BENCH_PERF=1             run each worker and peer under `perf stat -e task-clock,
+#                            context-switches,cpu-migrations,page-faults,raw_syscalls:sys_enter`
+#                            (the syscall tracepoint only when tracefs is there: it is mounted when
+#                            missing, as root) and add per-message counts to the "Per message"
+#                            table; installs linux-perf when missing (as root)
+#   BENCH_STRACE=1           run each worker and peer under `strace -f -c` and add its syscall
+#                            count per message (strace slows the process down many times: its
+#                            msg/s, CPU and context-switch figures are not comparable; not with
+#                            BENCH_PERF=1). Each run's perf or strace output is kept in
+#                            BENCH_OUT without .json, -counters/CASE.N.txt
 #   NATS_SERVER_BIN          nats-server to use (default: the one on PATH)
 #
 # The Go peer (scripts/bench/go-worker/main.go) is a JetStream queue-worker written the way the
 # OpenFaaS one is documented: one pull subscription on the durable consumer, Fetch of as many
 # messages as there are free slots (max_inflight), a goroutine per message, in-progress acks
 # (+WPI every ack_wait/4) while the call runs, a keep-alive http.Client (MaxIdleConnsPerHost =
-# max_inflight), an ack after the call. It reads the worker's env names and creates the same
-# work-queue stream and durable consumer (explicit ack, max_ack_pending, max_waiting) when they
-# are missing. It is built with Debian's golang-go and golang-github-nats-io-go-nats-dev (1.22)
-# in GOPATH mode, since the Go module proxy may be unreachable:
+# max_inflight), an ack after the call. It reads the worker's env names, finds the stream that
+# captures the queue Q as the worker does (or creates OF_<Q> on Q and Q.>, work-queue) and the
+# same durable consumer (explicit ack, ack_wait, max_ack_pending, max_waiting). It is built with
+# Debian's golang-go and golang-github-nats-io-go-nats-dev (1.22) in GOPATH mode, since the Go
+# module proxy may be unreachable:
 #   GO111MODULE=off GOPROXY=off GOPATH=$PWD/target/go:/usr/share/gocode \
 #       go build -o target/go/bin/go-worker ./scripts/bench/go-worker
 # and the harness installs both packages with apt-get when they are missing (as root).
-# In the E and E10 cases each run of the worker (A) is followed by a run of the peer (B) on a
-# fresh stream with the same number of freshly queued messages, the same function server and
+# Every run gets a fresh queue Q (queue_name=bench-PID-N): bench-ceiling fill creates the stream
+# OF_<Q> on Q and Q.>, as the worker would, and publishes the requests to Q.noop, as a current
+# gateway and `queue-worker publish` do; the worker and the peer find that stream and create the
+# consumer. In the E and E10 cases each run of the worker (A) is followed by a run of the peer (B)
+# on a fresh stream with the same number of freshly queued messages, the same function server and
 # the same settings (A B A B ...), so drift of the machine hits both alike. The table "Beside
 # the Go peer" shows both side by side: msg/s from ready, worker CPU seconds (user + system)
 # per 10,000 messages and peak RSS (VmHWM); each ratio column is this worker / the Go peer,
 # the median of the per-pair ratios (higher is better for msg/s, lower for CPU and RSS).
+# A worker run during which the machine counted TCP listen overflows (TcpExtListenOverflows:
+# a full backlog drops SYNs, and each such call then waits 1 s) is flagged on stderr.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -70,6 +86,9 @@ E10_INFLIGHT=${BENCH_E10_INFLIGHT:-16 100 512}
 PEER=${BENCH_PEER:-1}
 PEER_BIN=${BENCH_PEER_BIN:-target/go/bin/go-worker}
 STALL=${BENCH_STALL:-30}
+PERF=${BENCH_PERF:-0}
+STRACE=${BENCH_STRACE:-0}
+PERF_EVENTS=task-clock,context-switches,cpu-migrations,page-faults
 BIN_DIR=${BENCH_BIN_DIR:-target/release/examples}
 WORKER=${BENCH_WORKER:-target/release/queue-worker}
 FN_BIN=$BIN_DIR/bench-function
@@ -126,9 +145,12 @@ record() {
     printf '{"case":"%s","metric":"%s","unit":"%s","value":%s}\n' "$1" "$2" "$3" "$4" >>"$RESULTS"
 }
 
+# A fresh queue for each run: QUEUE is the queue (queue_name), STREAM the stream that the worker
+# creates for it (OF_<queue>, on QUEUE and QUEUE.>); fill creates the same one first.
 new_stream() {
     STREAM_SEQ=$((STREAM_SEQ + 1))
-    STREAM=bench-$$-$STREAM_SEQ
+    QUEUE=bench-$$-$STREAM_SEQ
+    STREAM=OF_$QUEUE
 }
 
 build() {
@@ -153,6 +175,36 @@ build_peer() {
     mkdir -p "$ROOT/target/go"
     GO111MODULE=off GOPROXY=off GOFLAGS='' GOPATH="$ROOT/target/go:$gocode" \
         GOCACHE="$ROOT/target/go/cache" go build -o "$PEER_BIN" ./scripts/bench/go-worker
+}
+
+# BENCH_PERF / BENCH_STRACE: the tools, and the syscall tracepoint when it can be had.
+setup_counters() {
+    [[ $PERF == 1 && $STRACE == 1 ]] && die "BENCH_PERF=1 and BENCH_STRACE=1: choose one"
+    local tool=""
+    [[ $PERF == 1 ]] && tool=perf
+    [[ $STRACE == 1 ]] && tool=strace
+    [[ -n $tool ]] || return 0
+    if ! command -v "$tool" >/dev/null; then
+        [[ $(id -u) == 0 ]] || die "BENCH_${tool^^}=1 needs $tool (apt-get install it)"
+        log "bench: installing $tool"
+        apt-get update -qq >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            "$([[ $tool == perf ]] && echo linux-perf || echo strace)" >&2
+    fi
+    [[ $tool == perf ]] || return 0
+    perf stat -e "$PERF_EVENTS" true >/dev/null 2>"$TMP/perf-check.err" ||
+        die "perf stat does not work here: $(tail -3 "$TMP/perf-check.err")"
+    if ! perf stat -e raw_syscalls:sys_enter true >/dev/null 2>&1 &&
+        [[ $(id -u) == 0 && ! -d /sys/kernel/tracing/events ]]; then
+        log "bench: mounting tracefs on /sys/kernel/tracing for the syscall tracepoint"
+        mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
+    fi
+    if perf stat -e raw_syscalls:sys_enter true >/dev/null 2>&1; then
+        PERF_EVENTS+=,raw_syscalls:sys_enter
+    else
+        log "bench: no raw_syscalls tracepoint: syscalls not counted (BENCH_STRACE=1 counts them)"
+    fi
+    log "bench: counting $PERF_EVENTS with $(perf --version)"
 }
 
 # Sets NATS_PID, NATS_URL, NATS_MON.
@@ -196,7 +248,8 @@ start_function() {
     "$FN_BIN" --port 0 "$@" >"$out" 2>&1 &
     PIDS+=("$!")
     for _ in {1..250}; do
-        port=$(sed -n '1s/^listening on 127\.0\.0\.1:\([0-9]*\)$/\1/p' "$out")
+        # The redirection may not exist yet: with set -e, sed's failure would end the script.
+        port=$(sed -n '1s/^listening on 127\.0\.0\.1:\([0-9]*\)$/\1/p' "$out" 2>/dev/null || true)
         [[ -n $port ]] && break
         sleep 0.02
     done
@@ -207,10 +260,11 @@ start_function() {
 
 reset_count() { curl -fsS -X POST "http://127.0.0.1:$1/_reset" >/dev/null; }
 
-# fill STREAM COUNT BODY_BYTES: a fresh stream with COUNT queued requests.
+# fill COUNT BODY_BYTES: the fresh stream STREAM on QUEUE and QUEUE.> with COUNT requests,
+# published to QUEUE.<function> as a current gateway (and `queue-worker publish`) does.
 fill() {
-    "$CEIL" fill --nats "$NATS_URL" --stream "$1" --subject "$1" --count "$2" \
-        --body-size "$3" --function "$FUNCTION" 2>>"$TMP/fill.log"
+    "$CEIL" fill --nats "$NATS_URL" --stream "$STREAM" --queue "$QUEUE" --count "$1" \
+        --body-size "$2" --function "$FUNCTION" 2>>"$TMP/fill.log"
     tail -1 "$TMP/fill.log" >&2
 }
 
@@ -218,20 +272,48 @@ delete_stream() {
     "$CEIL" delete-stream --nats "$NATS_URL" --stream "$1" 2>>"$TMP/fill.log"
 }
 
-# start_worker MAX_INFLIGHT FN_PORT STREAM [BINARY]: sets WORKER_PID, WORKER_T0 (us),
-# WORKER_METRICS and WORKER_LOG. BINARY is the worker (default) or the Go peer.
+# start_worker MAX_INFLIGHT FN_PORT QUEUE [BINARY]: sets WORKER_PID, WORKER_T0 (us),
+# WORKER_METRICS and WORKER_LOG. BINARY is the worker (default) or the Go peer; both find the
+# stream that captures QUEUE (the one fill made) and create the durable consumer on it.
 start_worker() {
     local port bin=${4:-$WORKER}
     port=$(free_port)
     WORKER_METRICS=http://127.0.0.1:$port
     WORKER_LOG=$TMP/worker.log
     [[ $bin == "$WORKER" ]] || WORKER_LOG=$TMP/peer.log
+    # BENCH_PERF / BENCH_STRACE: the binary runs under a counter, WRAP_PID; WORKER_PID is the
+    # binary itself (the wrapper's child), so /proc and the signals reach it, not the wrapper.
+    local wrap=()
+    WRAP_OUT=$TMP/counters.out WRAP_PID=""
+    rm -f "$WRAP_OUT"
+    if [[ $PERF == 1 ]]; then
+        wrap=(perf stat -x ',' -o "$WRAP_OUT" -e "$PERF_EVENTS" --)
+    elif [[ $STRACE == 1 ]]; then
+        wrap=(strace -f -c -o "$WRAP_OUT")
+    fi
     WORKER_T0=$(now_us)
-    nats_url=$NATS_URL nats_stream=$3 queue_name=$3 nats_durable=$DURABLE \
+    nats_url=$NATS_URL queue_name=$3 nats_durable=$DURABLE \
         gateway_url=http://127.0.0.1:$2 max_inflight=$1 metrics_port=$port ack_wait=60s \
-        log_encoding=json "$bin" >>"$WORKER_LOG" 2>&1 &
+        log_encoding=json "${wrap[@]}" "$bin" >>"$WORKER_LOG" 2>&1 &
     WORKER_PID=$!
     PIDS+=("$WORKER_PID")
+    if ((${#wrap[@]})); then
+        WRAP_PID=$WORKER_PID WORKER_PID=""
+        local exe child kids
+        exe=$(readlink -f "$bin")
+        for _ in {1..500}; do
+            kids=()   # the file has no newline: read fills kids and fails
+            read -ra kids <"/proc/$WRAP_PID/task/$WRAP_PID/children" 2>/dev/null || true
+            for child in "${kids[@]}"; do
+                [[ $(readlink "/proc/$child/exe" 2>/dev/null) == "$exe" ]] && WORKER_PID=$child
+            done
+            [[ -n $WORKER_PID ]] && break
+            proc_alive "$WRAP_PID" || break
+            sleep 0.01
+        done
+        [[ -n $WORKER_PID ]] || die "${wrap[0]} did not start $bin; log: $(tail -5 "$WORKER_LOG")"
+        PIDS+=("$WORKER_PID")
+    fi
 }
 
 # Sets READY_US: when /readyz (or, while it does not exist, /healthz) first answered 200.
@@ -250,9 +332,61 @@ stop_worker() {
         kill -KILL "$WORKER_PID" 2>/dev/null || true
     fi
     WORKER_RC=0
-    wait "$WORKER_PID" 2>/dev/null || WORKER_RC=$?
+    if [[ -n $WRAP_PID ]]; then
+        # The wrapper exits with the worker's status once it has written its counts.
+        wait "$WRAP_PID" 2>/dev/null || WORKER_RC=$?
+        forget_pid "$WRAP_PID"
+    else
+        wait "$WORKER_PID" 2>/dev/null || WORKER_RC=$?
+    fi
     forget_pid "$WORKER_PID"
     [[ $WORKER_RC == 0 ]] || log "bench: worker exited with status $WORKER_RC"
+}
+
+# The machine's TcpExtListenOverflows: connections dropped because a listen backlog was full
+# (the client sends its SYN again after 1 s). Machine-wide: other processes count too.
+listen_overflows() {
+    awk '/^TcpExt:/ { if (!h) { for (i = 1; i <= NF; i++) if ($i == "ListenOverflows") c = i; h = 1 }
+        else { print $c + 0; exit } }' /proc/net/netstat 2>/dev/null || echo 0
+}
+
+# sample_ctx PID: sets CTX_VOL and CTX_NONVOL, the context switches of every thread that PID
+# has now (/proc/PID/task/*/status; threads that already exited are not counted).
+sample_ctx() {
+    local sums
+    sums=$(cat /proc/"$1"/task/*/status 2>/dev/null | awk '
+        /^voluntary_ctxt_switches:/ { v += $2 } /^nonvoluntary_ctxt_switches:/ { n += $2 }
+        END { print v + 0, n + 0 }')
+    read -r CTX_VOL CTX_NONVOL <<<"$sums"
+}
+
+# record_counters CASE N: the per-message counts of the run's perf stat or strace -c output.
+record_counters() {
+    local case=$1 n=$2 name value
+    [[ -n $WRAP_PID ]] || return 0
+    if [[ ! -s $WRAP_OUT ]]; then
+        log "bench: $case: no counter output in $WRAP_OUT"
+        return 0
+    fi
+    if [[ $PERF == 1 ]]; then
+        # perf stat -x,: value,unit,event,... ("<not counted>" and "<not supported>" skipped)
+        while IFS=, read -r value _ name _; do
+            [[ $value =~ ^[0-9.]+$ ]] || continue
+            case $name in
+                task-clock) record "$case" perf_task_clock_us_per_msg us "$(calc "$value * 1000 / $n")" ;;
+                context-switches) record "$case" perf_ctxsw_per_msg count "$(calc "$value / $n")" ;;
+                cpu-migrations) record "$case" perf_migrations_per_msg count "$(calc "$value / $n")" ;;
+                page-faults) record "$case" perf_faults_per_msg count "$(calc "$value / $n")" ;;
+                raw_syscalls:sys_enter) record "$case" perf_syscalls_per_msg count "$(calc "$value / $n")" ;;
+            esac
+        done <"$WRAP_OUT"
+    else
+        # strace -c: the last line is "100.00 seconds usecs/call calls [errors] total".
+        value=$(awk '$NF == "total" { print $4 }' "$WRAP_OUT")
+        [[ -n $value ]] && record "$case" strace_syscalls_per_msg count "$(calc "$value / $n")"
+    fi
+    mkdir -p "${OUT%.json}-counters"
+    cp "$WRAP_OUT" "${OUT%.json}-counters/$case.$STREAM_SEQ.txt"
 }
 
 # sample_proc PID: sets HWM_KB, RSS_KB (from /proc/PID/status) and CPU_TICKS (utime+stime).
@@ -273,15 +407,27 @@ run_worker_until() {
     local case=$1 n=$2 k=$3 port=$4 body=$5 bin=${6:-$WORKER} stats first_us last_us cpu_s
     new_stream
     reset_count "$port"
-    fill "$STREAM" "$n" "$body"
-    start_worker "$k" "$port" "$STREAM" "$bin"
+    fill "$n" "$body"
+    local overflows
+    overflows=$(listen_overflows)
+    start_worker "$k" "$port" "$QUEUE" "$bin"
     wait_ready
     stats=$("$CEIL" wait-count --url "http://127.0.0.1:$port/_stats" --target "$n" \
         --interval-ms 20 --timeout-s "$TIMEOUT" --stall-s "$STALL" --pid "$WORKER_PID") ||
         die "$case: the function did not see $n calls; log: $(tail -5 "$WORKER_LOG")"
     sample_proc "$WORKER_PID"
+    sample_ctx "$WORKER_PID"
+    overflows=$(($(listen_overflows) - overflows))
+    if ((overflows > 0)); then
+        log "bench: $case: $overflows TCP listen overflow(s) on this machine during the run \
+(dropped SYNs: each such call waits 1 s)"
+    fi
+    record "$case" listen_overflows count "$overflows"
     stop_worker
     delete_stream "$STREAM"
+    record_counters "$case" "$n"
+    record "$case" proc_ctxsw_per_msg count "$(calc "($CTX_VOL + $CTX_NONVOL) / $n")"
+    record "$case" proc_nonvol_ctxsw_per_msg count "$(calc "$CTX_NONVOL / $n")"
 
     first_us=$(json_field "$stats" first_us)
     last_us=$(json_field "$stats" last_us)
@@ -322,7 +468,7 @@ case_j() {   # JetStream ceiling: bench-ceiling consume
         for spec in 16x100 100x1 1x1; do
             threads=${spec%x*} batch=${spec#*x}
             new_stream
-            fill "$STREAM" "$COUNT" "$BODY"
+            fill "$COUNT" "$BODY"
             out=$("$CEIL" consume --nats "$NATS_URL" --stream "$STREAM" --durable "$DURABLE" \
                 --threads "$threads" --batch "$batch" --count "$COUNT")
             delete_stream "$STREAM"
@@ -386,8 +532,8 @@ case_idle() {   # worker idle at max_inflight 512 on an empty stream, 10 s
     local run t1 t2 c1 c2
     for run in $(seq "$RUNS"); do
         new_stream
-        fill "$STREAM" 0 "$BODY"
-        start_worker 512 "$FN_PORT" "$STREAM"
+        fill 0 "$BODY"
+        start_worker 512 "$FN_PORT" "$QUEUE"
         wait_ready
         sample_proc "$WORKER_PID"
         c1=$CPU_TICKS t1=$(now_us)
@@ -410,8 +556,8 @@ case_flat() {   # memory flatness: a long backlog, 10 ms function, max_inflight 
     for run in $(seq "$RUNS"); do
         new_stream
         reset_count "$FN10_PORT"
-        fill "$STREAM" "$FLAT_COUNT" "$BODY"
-        start_worker 16 "$FN10_PORT" "$STREAM"
+        fill "$FLAT_COUNT" "$BODY"
+        start_worker 16 "$FN10_PORT" "$QUEUE"
         wait_ready
         first="" max=0 samples=()
         for _ in {1..15}; do
@@ -452,7 +598,7 @@ case_size() {
 
 report() {
     mkdir -p "$(dirname "$OUT")"
-    python3 - "$RESULTS" "$OUT" <<'PY'
+    LOADAVG_END=$(cut -d' ' -f1-3 /proc/loadavg) python3 - "$RESULTS" "$OUT" <<'PY'
 import json, statistics, sys, os
 
 results_path, out_path = sys.argv[1], sys.argv[2]
@@ -494,7 +640,7 @@ env = {k: os.environ.get(k) for k in ("BENCH_COUNT_EFFECTIVE", "BENCH_RUNS_EFFEC
                                       "BENCH_BODY_SIZE_EFFECTIVE", "BENCH_FLAT_COUNT_EFFECTIVE",
                                       "BENCH_WORKER", "NATS_VERSION", "CPU_MODEL", "NPROC",
                                       "KERNEL", "GIT_REV", "DATE", "PEER_VERSION",
-                                      "LOADAVG")}
+                                      "LOADAVG", "LOADAVG_END", "COUNTERS")}
 
 # The Go peer beside the worker: E-x is this worker, G-x the peer on the same case. Each ratio
 # is this / Go, the median of the per-pair ratios (run i of E-x against run i of G-x, which ran
@@ -546,6 +692,9 @@ def fmt(x):
         return f"{x:.1f}"
     return f"{x:.2f}"
 
+def fmt3(x):
+    return "-" if x is None else fmt(x) if abs(x) >= 100 else f"{x:.3g}"
+
 def cell(case, metric):
     g = groups.get((case, metric))
     if not g:
@@ -562,7 +711,7 @@ p(f"## queue-worker benchmark\n")
 p(f"{env['BENCH_COUNT_EFFECTIVE']} messages per run, {env['BENCH_RUNS_EFFECTIVE']} run(s) per case, "
   f"median [min–max]; {env['BENCH_BODY_SIZE_EFFECTIVE']}-byte bodies unless stated. "
   f"{env['NATS_VERSION']}; {env['NPROC']} × {env['CPU_MODEL']}; {env['KERNEL']}; "
-  f"load average at start {env['LOADAVG']}.\n")
+  f"load average at start {env['LOADAVG']}, at the end {env['LOADAVG_END']}.\n")
 
 ceilings = [("J-16x100", "J: JetStream consume+ack, 16 threads × batch 100", "per_sec"),
             ("J-100x1", "J: JetStream consume+ack, 100 threads × batch 1", "per_sec"),
@@ -605,6 +754,37 @@ if peer:
           f"{fmt(r['per_sec_ratio'])} | {fmt(r['this_cpu_s_per_10k'])} | {fmt(r['go_cpu_s_per_10k'])} | "
           f"{fmt(r['cpu_ratio'])} | {fmt(r['this_hwm_mib'])} | {fmt(r['go_hwm_mib'])} | "
           f"{fmt(r['hwm_ratio'])} |")
+    p()
+
+# Per message: context switches and syscalls of the whole process (start, the run, the drain),
+# divided by the messages of the run; this worker (E-x) beside the Go peer (G-x).
+per_msg = [("perf_ctxsw_per_msg", "ctx switches (perf)"),
+           ("perf_syscalls_per_msg", "syscalls (perf)"),
+           ("strace_syscalls_per_msg", "syscalls (strace -c)"),
+           ("perf_task_clock_us_per_msg", "task-clock µs (perf)"),
+           ("perf_faults_per_msg", "page faults (perf)"),
+           ("perf_migrations_per_msg", "CPU migrations (perf)"),
+           ("proc_ctxsw_per_msg", "ctx switches (/proc, at the Nth call)"),
+           ("proc_nonvol_ctxsw_per_msg", "of them involuntary (/proc)")]
+pm_cases = [c for c, _ in peer_cases if has("E-" + c) or has("G-" + c)]
+pm_metrics = [(m, l) for m, l in per_msg if any(values(who + c, m) for c in pm_cases for who in ("E-", "G-"))]
+if pm_cases and pm_metrics:
+    doc["per_message"] = {c: {m: {"this": med("E-" + c, m), "go": med("G-" + c, m)}
+                              for m, _ in pm_metrics} for c in pm_cases}
+    with open(out_path, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    p(f"### Per message ({env['COUNTERS']})\n")
+    p("Whole-process counts (perf, strace: start to exit; /proc: threads alive at the Nth call) "
+      "divided by the messages of the run; medians.\n")
+    p("| Case | worker | " + " | ".join(l for _, l in pm_metrics) + " |")
+    p("|---|---|" + "---:|" * len(pm_metrics))
+    labels = dict(peer_cases)
+    for c in pm_cases:
+        for who, name in (("E-", "this"), ("G-", "Go")):
+            if has(who + c):
+                p(f"| {labels[c]} | {name} | "
+                  + " | ".join(fmt3(med(who + c, m)) for m, _ in pm_metrics) + " |")
     p()
 
 if has("idle-512"):
@@ -654,6 +834,7 @@ it, or set BENCH_PEER=0)"
 $(dpkg-query -W -f '${Version}' golang-github-nats-io-go-nats-dev 2>/dev/null || echo '?')"
     fi
 
+    setup_counters
     start_nats
     start_function FN_PORT
     start_function FN10_PORT --sleep-ms 10
@@ -665,9 +846,12 @@ $(dpkg-query -W -f '${Version}' golang-github-nats-io-go-nats-dev 2>/dev/null ||
     CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
     GIT_REV=$(git rev-parse --short HEAD 2>/dev/null || echo none)
     LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
+    COUNTERS="/proc/PID/task/*/status"
+    [[ $PERF == 1 ]] && COUNTERS="perf stat -e $PERF_EVENTS; $COUNTERS"
+    [[ $STRACE == 1 ]] && COUNTERS="strace -f -c; $COUNTERS"
     export BENCH_COUNT_EFFECTIVE BENCH_RUNS_EFFECTIVE BENCH_BODY_SIZE_EFFECTIVE \
         BENCH_FLAT_COUNT_EFFECTIVE BENCH_WORKER NATS_VERSION DATE NPROC KERNEL CPU_MODEL GIT_REV \
-        PEER_VERSION LOADAVG
+        PEER_VERSION LOADAVG COUNTERS
 
     want J && case_j
     want H && case_h

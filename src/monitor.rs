@@ -102,7 +102,7 @@ fn run(broker: &Broker, spec: &QueueSpec, health: &Health, stop: &Receiver<()>) 
                     Ok(_) => {
                         log::warn!("the stream or consumer was gone and has been re-created");
                         health.set_bound(true);
-                        broker.wake_pullers();
+                        broker.restart_pulls();
                     }
                     Err(e) => log::warn!(
                         "re-creating the stream or consumer failed: {}",

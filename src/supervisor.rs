@@ -309,7 +309,7 @@ fn stop_started(
     workers: Vec<JoinHandle<()>>,
 ) {
     stop.store(true, Ordering::SeqCst);
-    broker.wake_pullers();
+    broker.stop_pulling();
     let left = join_until(workers, Instant::now() + JOIN_GRACE);
     timer.stop();
     let left = left + join_until(vec![timer_handle], Instant::now() + JOIN_GRACE);
@@ -350,7 +350,7 @@ fn drain(
 ) -> Drained {
     health.set_draining();
     stop.store(true, Ordering::SeqCst);
-    broker.wake_pullers();
+    broker.stop_pulling();
     let _ = monitor_stop.try_send(());
     let (running, _) = timer.counts();
     let released = timer.drain();

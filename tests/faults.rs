@@ -198,19 +198,21 @@ fn behind_a_proxy() -> (NatsServer, TcpProxy, FunctionServer, Worker) {
 }
 
 #[test]
-fn a_cut_client_connection_leaves_one_pull_per_thread_and_runs_nothing_twice() {
+fn a_cut_client_connection_leaves_no_extra_pulls_and_runs_nothing_twice() {
     let (nats, proxy, function, worker) = behind_a_proxy();
     let nats = &nats;
-    let idle = |want: u64| move || waiting_and_ack_pending(nats) == Some((want, 0));
-    wait_until(SECS(10), "one pull per thread", idle(2));
+    // The idle threads' requests wait at the server: one for both, or one each, never more.
+    let idle = || matches!(waiting_and_ack_pending(nats), Some((1..=2, 0)));
+    wait_until(SECS(10), "the idle threads' pull requests", idle);
     for round in 1..=2 {
         assert!(proxy.cut() > 0, "round {round}: no connection to cut");
         worker.wait_metric("queue_worker_nats_reconnect_total", SECS(15), |v| {
             v >= round as f64
         });
         worker.wait_ready(SECS(10));
-        // The server drops the old requests once their inbox lost interest.
-        wait_until(SECS(10), "num_waiting back to max_inflight", idle(2));
+        // The server drops the old requests once their inbox lost interest: the ones the
+        // client's resubscription revived do not add up with the new ones.
+        wait_until(SECS(10), "num_waiting back to at most max_inflight", idle);
     }
     let ids = publish_batch(&nats.url(), 4);
     let mut worst_ack_pending = 0;
@@ -219,7 +221,7 @@ fn a_cut_client_connection_leaves_one_pull_per_thread_and_runs_nothing_twice() {
         if let Some((_, ack_pending)) = state {
             worst_ack_pending = worst_ack_pending.max(ack_pending);
         }
-        function.answered() >= ids.len() && state == Some((2, 0))
+        function.answered() >= ids.len() && matches!(state, Some((1..=2, 0)))
     });
     // ack_pending 0 with everything answered: no delivery is left in a buffer to come again.
     let seen: Vec<String> = function
@@ -291,7 +293,7 @@ fn a_cut_while_a_call_runs_acks_it_after_the_reconnect_and_runs_nothing_twice() 
         if let Some((_, ack_pending)) = state {
             worst_ack_pending = worst_ack_pending.max(ack_pending);
         }
-        function.answered() >= ids.len() && state == Some((2, 0))
+        function.answered() >= ids.len() && matches!(state, Some((1..=2, 0)))
     });
     let seen: Vec<String> = call_ids_seen_in_order(&function);
     assert_eq!(seen.len(), ids.len(), "some call ran twice: {seen:?}");

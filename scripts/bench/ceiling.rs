@@ -1,7 +1,7 @@
 //! `bench-ceiling`: load generators and probes for the benchmark harness (scripts/bench.sh).
 //!
 //! ```text
-//! bench-ceiling fill          --nats URL --stream S --subject SUBJ --count N --body-size BYTES [--function NAME] [--stream-subjects LIST] [--window W] [--window-bytes B]
+//! bench-ceiling fill          --nats URL --stream S (--queue Q | --subject SUBJ) --count N --body-size BYTES [--function NAME] [--window W] [--window-bytes B]
 //! bench-ceiling consume       --nats URL --stream S --durable D --threads T --batch B --count N [--subject SUBJ] [--timeout-s S]
 //! bench-ceiling http          --url URL --threads T --count N [--body-size BYTES]
 //! bench-ceiling delete-stream --nats URL --stream S
@@ -9,9 +9,12 @@
 //! bench-ceiling wait-count    --url URL --target N [--interval-ms 20] [--timeout-s 600] [--stall-s S] [--pid PID]
 //! ```
 //!
-//! * `fill` creates the stream if missing (work-queue retention, file storage, one replica; on
-//!   `--stream-subjects`, a comma list such as `Q,Q.>`, else on SUBJ) and enqueues N OpenFaaS
-//!   `QueueRequest` messages for the function NAME, pipelined: core publishes with a reply subject
+//! * `fill` creates the stream if missing (work-queue retention, file storage, one replica) and
+//!   enqueues N OpenFaaS `QueueRequest` messages. With `--queue Q` the stream holds the queue's
+//!   subjects `Q` and `Q.>`, as queue-worker creates it, and the messages go to `Q.<function>`,
+//!   as a current OpenFaaS gateway (and `queue-worker publish`) sends them (`--subject` picks
+//!   another subject under the queue); with `--subject` alone the stream holds that one subject
+//!   and the messages go there. Pipelined: core publishes with a reply subject
 //!   on our own wildcard inbox, up to `--window` (1000) PubAcks and `--window-bytes` (16 MiB)
 //!   outstanding, retrying the ones that fail or time out. Prints the fill rate to stderr.
 //! * `consume` measures the JetStream ceiling J: T threads, each with its own pull subscription on
@@ -50,7 +53,7 @@ use nats::jetstream::{
 type Res<T> = Result<T, Box<dyn Error>>;
 
 const USAGE: &str = "usage: bench-ceiling <fill|consume|http|delete-stream|wait-http|wait-count> [options]
-  fill          --nats URL --stream S --subject SUBJ --count N --body-size BYTES [--function NAME] [--stream-subjects LIST] [--window W] [--window-bytes B]
+  fill          --nats URL --stream S (--queue Q | --subject SUBJ) --count N --body-size BYTES [--function NAME] [--window W] [--window-bytes B]
   consume       --nats URL --stream S --durable D --threads T --batch B --count N [--subject SUBJ] [--timeout-s S]
   http          --url URL --threads T --count N [--body-size BYTES]
   delete-stream --nats URL --stream S
@@ -83,10 +86,7 @@ fn run() -> Res<()> {
             Long("nats") => o.nats = parser.value()?.string()?,
             Long("stream") => o.stream = parser.value()?.string()?,
             Long("subject") => o.subject = Some(parser.value()?.string()?),
-            Long("stream-subjects") => {
-                let list = parser.value()?.string()?;
-                o.stream_subjects = Some(list.split(',').map(|s| s.trim().to_string()).collect());
-            }
+            Long("queue") => o.queue = Some(parser.value()?.string()?),
             Long("durable") => o.durable = parser.value()?.string()?,
             Long("function") => o.function = parser.value()?.string()?,
             Long("url") => o.url = parser.value()?.string()?,
@@ -125,8 +125,7 @@ struct Opts {
     nats: String,
     stream: String,
     subject: Option<String>,
-    /// `fill`: the subjects of a stream it creates (default: the subject).
-    stream_subjects: Option<Vec<String>>,
+    queue: Option<String>,
     durable: String,
     function: String,
     url: String,
@@ -149,7 +148,7 @@ impl Default for Opts {
             nats: "nats://127.0.0.1:4222".into(),
             stream: String::new(),
             subject: None,
-            stream_subjects: None,
+            queue: None,
             durable: "faas-workers".into(),
             function: "noop".into(),
             url: String::new(),
@@ -205,22 +204,14 @@ fn connect(url: &str) -> Res<nats::Connection> {
     Ok(nc)
 }
 
-/// Whether the stream subject pattern `pattern` (a literal, or ending in `.>`) captures `subject`.
-fn captures(pattern: &str, subject: &str) -> bool {
-    match pattern.strip_suffix(".>") {
-        Some(prefix) => {
-            subject.len() > prefix.len() + 1 && subject.starts_with(&format!("{prefix}."))
-        }
-        None => pattern == subject,
-    }
-}
-
-fn ensure_stream(js: &JetStream, stream: &str, subject: &str, subjects: &[String]) -> Res<()> {
+/// Makes sure `stream` exists; creates it on `subjects` when missing. Warns when an existing one
+/// does not hold them.
+fn ensure_stream(js: &JetStream, stream: &str, subjects: &[String]) -> Res<()> {
     match js.stream_info(stream) {
         Ok(info) => {
-            if !info.config.subjects.iter().any(|s| captures(s, subject)) {
+            if !subjects.iter().all(|s| info.config.subjects.contains(s)) {
                 eprintln!(
-                    "bench-ceiling: warning: stream {stream} exists with subjects {:?}, not {subject}",
+                    "bench-ceiling: warning: stream {stream} exists with subjects {:?}, not {subjects:?}",
                     info.config.subjects
                 );
             }
@@ -268,17 +259,23 @@ enum Slot {
 
 fn fill(o: &Opts) -> Res<()> {
     let stream = o.need_stream()?;
-    let subject = o.subject.clone().ok_or("--subject is required")?;
+    // The stream's subjects and the subject the messages are published to.
+    let (subjects, subject) = match (&o.queue, &o.subject) {
+        (Some(q), subject) => (
+            vec![q.clone(), format!("{q}.>")],
+            subject
+                .clone()
+                .unwrap_or_else(|| format!("{q}.{}", o.function)),
+        ),
+        (None, Some(subject)) => (vec![subject.clone()], subject.clone()),
+        (None, None) => return Err("--queue or --subject is required".into()),
+    };
     let n = o.need_count()? as usize;
     let mut window = o.window.max(1);
 
     let nc = connect(&o.nats)?;
     let js = nats::jetstream::new(nc.clone());
-    let subjects = o
-        .stream_subjects
-        .clone()
-        .unwrap_or_else(|| vec![subject.clone()]);
-    ensure_stream(&js, stream, &subject, &subjects)?;
+    ensure_stream(&js, stream, &subjects)?;
     if n == 0 {
         eprintln!("bench-ceiling: fill: stream {stream} ready, nothing to enqueue");
         return Ok(());
@@ -438,8 +435,8 @@ fn fill(o: &Opts) -> Res<()> {
 
     let rate = n as f64 / secs;
     eprintln!(
-        "bench-ceiling: fill: {n} messages of {msg_len} bytes (body {} bytes) in {secs:.3} s: \
-         {rate:.0} msg/s, {:.1} MB/s{}",
+        "bench-ceiling: fill: {n} messages of {msg_len} bytes (body {} bytes) to {subject} in \
+         {secs:.3} s: {rate:.0} msg/s, {:.1} MB/s{}",
         o.body_size,
         rate * msg_len as f64 / 1e6,
         if retries > 0 {

@@ -29,7 +29,11 @@
 //!
 //! One thread per connection, keep-alive, no pipelining needed, TCP_NODELAY, buffered
 //! reads and writes; the counted path allocates only the function's name (and, with
-//! `--record`, its log entry).
+//! `--record`, its log entry). The listen backlog
+//! is [`BACKLOG`] (the kernel caps it at `net.core.somaxconn`), as a Go gateway's is, not the
+//! 128 of `TcpListener::bind`: a worker with max_inflight 512 opens its connections all at once,
+//! and with 128 the kernel drops some SYNs, which the client sends again only after the 1 s
+//! initial retransmission timeout (those calls took 1.03 s and the run stalled for it).
 #![allow(deprecated)]
 
 use std::collections::HashMap;
@@ -62,6 +66,20 @@ struct Shared {
     rejected: AtomicU64,
     /// `--record`: (arrived_us, done_us, status, function name) of each function request.
     log: Option<Mutex<Vec<LogEntry>>>,
+}
+
+/// Listen backlog of the function server: Go's is `net.core.somaxconn` (4096 by default).
+const BACKLOG: i32 = 4096;
+
+/// A listener on 127.0.0.1:`port` (0: any free port) with a backlog of [`BACKLOG`].
+fn listen(port: u16) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
 }
 
 fn main() {
@@ -111,7 +129,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
-    let listener = TcpListener::bind(("127.0.0.1", port))?;
+    let listener = listen(port)?;
     let addr = listener.local_addr()?;
     {
         let mut out = io::stdout().lock();

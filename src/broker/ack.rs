@@ -19,6 +19,10 @@ pub(crate) struct Delivery {
     pub delivered: u32,
 }
 
+/// Which of the pool's consumers a delivery came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct TargetKey(pub(super) usize);
+
 impl Delivery {
     pub(super) fn new(mut msg: nats::Message, ledger: &Arc<AckLedger>) -> Delivery {
         let data = std::mem::take(&mut msg.data);
@@ -26,7 +30,7 @@ impl Delivery {
             .reply
             .as_deref()
             .and_then(parse_ack_subject)
-            .unwrap_or((0, 1));
+            .map_or((0, 1), |a| (a.stream_seq, a.delivered));
         Delivery {
             data,
             ack: AckHandle(msg, ledger.clone()),
@@ -36,12 +40,22 @@ impl Delivery {
     }
 }
 
+/// What an ack subject tells of its delivery.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct AckInfo<'a> {
+    pub consumer: &'a str,
+    pub stream_seq: u64,
+    pub delivered: u32,
+    /// Messages the consumer still held for delivery after this one.
+    pub pending: u64,
+}
+
 /// Parses `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>`
 /// and the newer form with domain and account hash before the stream.
-pub(super) fn parse_ack_subject(reply: &str) -> Option<(u64, u32)> {
+pub(super) fn parse_ack_subject(reply: &str) -> Option<AckInfo<'_>> {
     let rest = reply.strip_prefix("$JS.ACK.")?;
-    // Read on every delivery: the first six tokens are enough, so nothing is collected.
-    let mut tokens = [""; 6];
+    // Read on every delivery: the first nine tokens are enough, so nothing is collected.
+    let mut tokens = [""; 9];
     let mut count = 0;
     for token in rest.split('.') {
         if let Some(slot) = tokens.get_mut(count) {
@@ -54,9 +68,12 @@ pub(super) fn parse_ack_subject(reply: &str) -> Option<(u64, u32)> {
         n if n >= 9 => 2,
         _ => return None,
     };
-    let delivered = tokens[offset + 2].parse().ok()?;
-    let stream_seq = tokens[offset + 3].parse().ok()?;
-    Some((stream_seq, delivered))
+    Some(AckInfo {
+        consumer: tokens[offset + 1],
+        delivered: tokens[offset + 2].parse().ok()?,
+        stream_seq: tokens[offset + 3].parse().ok()?,
+        pending: tokens[offset + 6].parse().unwrap_or(0),
+    })
 }
 
 /// Acknowledges one delivered message; cheap to clone (no payload).
@@ -115,6 +132,20 @@ pub(super) struct AckLedger {
     unconfirmed: Mutex<VecDeque<(u64, String, &'static [u8])>>,
     /// Set by a reconnect: the flusher sends `unconfirmed` again before its next flush.
     resend: AtomicBool,
+    /// Disconnects and reconnects seen so far. On a reconnect the client completes the flushes
+    /// that were waiting for a PONG without one, so a flush only confirms what was written
+    /// before it when no disconnect came between its mark and its end.
+    disconnects: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+/// What a flush may confirm once it succeeded: taken by [`AckLedger::mark`] before it began.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Mark {
+    written: u64,
+    /// The disconnects seen at the mark; `None` while disconnected (a PING written now is only
+    /// buffered, and its "PONG" comes from the reconnect, not from the server).
+    disconnects: Option<u64>,
 }
 
 /// The body of an ack; [`Puller::ack_and_request_next`](super::Puller::ack_and_request_next)'s
@@ -167,8 +198,14 @@ impl AckLedger {
         result
     }
 
+    /// The connection dropped: flushes under way confirm nothing.
+    pub(super) fn disconnected(&self) {
+        self.disconnects.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// After a reconnect: the next flush first sends the unconfirmed final acks again.
     pub(super) fn reconnected(&self) {
+        self.reconnects.fetch_add(1, Ordering::SeqCst);
         self.resend.store(true, Ordering::SeqCst);
     }
 
@@ -191,11 +228,22 @@ impl AckLedger {
     }
 
     /// Take before a flush; pass to [`AckLedger::confirm`] once it succeeded.
-    pub(super) fn mark(&self) -> u64 {
-        self.written.load(Ordering::SeqCst)
+    pub(super) fn mark(&self) -> Mark {
+        let disconnects = self.disconnects.load(Ordering::SeqCst);
+        let connected = disconnects == self.reconnects.load(Ordering::SeqCst);
+        Mark {
+            written: self.written.load(Ordering::SeqCst),
+            disconnects: connected.then_some(disconnects),
+        }
     }
 
-    pub(super) fn confirm(&self, mark: u64) {
+    /// A flush begun at `mark` succeeded: what was written before it reached the server,
+    /// unless the connection dropped in between (then the client answered the flush itself).
+    pub(super) fn confirm(&self, mark: Mark) {
+        if mark.disconnects != Some(self.disconnects.load(Ordering::SeqCst)) {
+            return;
+        }
+        let mark = mark.written;
         self.confirmed.fetch_max(mark, Ordering::SeqCst);
         crate::sync::lock(&self.unconfirmed).retain(|(n, _, _)| *n > mark);
     }
@@ -214,13 +262,23 @@ mod tests {
     fn parses_both_ack_subject_forms() {
         assert_eq!(
             parse_ack_subject("$JS.ACK.faas-request.faas-workers.3.42.40.1700000000000000000.7"),
-            Some((42, 3))
+            Some(AckInfo {
+                consumer: "faas-workers",
+                stream_seq: 42,
+                delivered: 3,
+                pending: 7
+            })
         );
         assert_eq!(
             parse_ack_subject(
                 "$JS.ACK.hub.ACCHASH.faas-request.faas-workers.1.9.9.1700000000000000000.0.tok"
             ),
-            Some((9, 1))
+            Some(AckInfo {
+                consumer: "faas-workers",
+                stream_seq: 9,
+                delivered: 1,
+                pending: 0
+            })
         );
         assert_eq!(parse_ack_subject("_INBOX.x"), None);
         assert_eq!(parse_ack_subject("$JS.ACK.a.b.c"), None);
@@ -249,6 +307,32 @@ mod tests {
         assert!(ledger.all_confirmed());
         let _ = ledger.record::<()>(Err(io::Error::other("disconnected")));
         assert!(!ledger.all_confirmed(), "an ack that was never written");
+    }
+
+    #[test]
+    fn a_flush_across_a_disconnect_confirms_nothing() {
+        let ledger = AckLedger::default();
+        ledger.record_final(Some("a"), ACK, Ok(())).unwrap();
+        let mark = ledger.mark();
+        // The connection drops during the flush; the reconnect answers its PING itself.
+        ledger.disconnected();
+        ledger.reconnected();
+        ledger.confirm(mark);
+        assert!(!ledger.all_confirmed());
+        assert_eq!(
+            crate::sync::lock(&ledger.unconfirmed).len(),
+            1,
+            "kept for the resend"
+        );
+        // A flush marked while disconnected confirms nothing either.
+        ledger.disconnected();
+        let mark = ledger.mark();
+        ledger.reconnected();
+        ledger.confirm(mark);
+        assert!(!ledger.all_confirmed());
+        // Connected again: a real flush confirms.
+        ledger.confirm(ledger.mark());
+        assert!(ledger.all_confirmed());
     }
 
     #[test]

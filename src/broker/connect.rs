@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::ack::AckLedger;
-use super::flush::Flusher;
+use super::flush::{self, Flusher};
 use super::functions::Functions;
 use super::provision::Streams;
 use super::pull::{Pullers, Wakes};
@@ -208,42 +208,49 @@ impl Broker {
             urls: shown.clone(),
             why,
         })?;
+        let (flush, flush_requests) = flush::channel();
         // A failed attempt fires its close callback too: only the connection that is
         // returned may report events, so each attempt gets its own gate.
         let gate = Arc::new(AtomicBool::new(false));
-        if let Some(events) = events {
-            let on = |gate: &Arc<AtomicBool>, f: fn(&dyn ConnectionEvents)| {
-                let (gate, events) = (gate.clone(), events.clone());
+        let on = |f: fn(&dyn ConnectionEvents)| {
+            let (gate, events) = (gate.clone(), events.clone());
+            move || {
+                if let (true, Some(events)) = (gate.load(Ordering::SeqCst), &events) {
+                    f(events.as_ref())
+                }
+            }
+        };
+        options = options
+            .disconnect_callback({
+                let disconnected = on(|e| e.disconnected());
+                let (gate, ledger) = (gate.clone(), ledger.clone());
                 move || {
                     if gate.load(Ordering::SeqCst) {
-                        f(events.as_ref())
+                        // Flushes under way confirm nothing from here on.
+                        ledger.disconnected();
+                    }
+                    disconnected();
+                }
+            })
+            .reconnect_callback({
+                let reconnected = on(|e| e.reconnected());
+                let (gate, ledger, flush) = (gate.clone(), ledger.clone(), flush.clone());
+                let generation = generation.clone();
+                move || {
+                    let ours = gate.load(Ordering::SeqCst);
+                    if ours {
+                        generation.fetch_add(1, Ordering::SeqCst);
+                        // Acks written just before the drop go out again (flusher).
+                        ledger.reconnected();
+                    }
+                    reconnected();
+                    if ours {
+                        // The pool pulls again at once, on a fresh inbox.
+                        flush.request();
                     }
                 }
-            };
-            let gen = generation.clone();
-            let gen_gate = gate.clone();
-            options = options
-                .disconnect_callback(on(&gate, |e| e.disconnected()))
-                .reconnect_callback({
-                    let reconnected = on(&gate, |e| e.reconnected());
-                    let wakes = wakes.clone();
-                    let ledger = ledger.clone();
-                    move || {
-                        let ours = gen_gate.load(Ordering::SeqCst);
-                        if ours {
-                            gen.fetch_add(1, Ordering::SeqCst);
-                            // Acks written just before the drop go out again (flusher).
-                            ledger.reconnected();
-                        }
-                        reconnected();
-                        if ours {
-                            // Idle pullers pull again at once, on a fresh inbox.
-                            wakes.wake_all();
-                        }
-                    }
-                })
-                .close_callback(on(&gate, |e| e.closed()));
-        }
+            })
+            .close_callback(on(|e| e.closed()));
         let nc =
             options
                 .connect(joined.as_str())
@@ -258,14 +265,22 @@ impl Broker {
                     },
                 })?;
         gate.store(true, Ordering::SeqCst);
-        let flusher = Flusher::spawn(&nc, &ledger).map_err(|source| BrokerError::Connect {
+        let pullers = Arc::new(Pullers::new(
+            nc.new_inbox(),
+            wakes,
+            ledger.clone(),
+            generation,
+            flush.clone(),
+        ));
+        let flusher = Flusher::spawn(&nc, &ledger, (flush, flush_requests), pullers.dispatcher())
+            .map_err(|source| BrokerError::Connect {
             urls: shown,
             source,
         })?;
         Ok(Broker {
             streams: Streams::new(&nc),
             functions: Functions::new(&nc),
-            pullers: Pullers::new(nc.new_inbox(), wakes, ledger.clone(), generation),
+            pullers,
             flusher,
             nc,
             ledger,

@@ -5,9 +5,9 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::ack::AckLedger;
 
@@ -15,23 +15,32 @@ use super::ack::AckLedger;
 /// for the PONG, which has no limit: every flush here runs on a thread that may be left behind.
 const FLUSH_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Sends buffered pull requests, acks and publishes at once, for all pullers together.
+/// Sends buffered pull requests, acks and publishes at once, for all pullers together, and
+/// runs the pool's [`Dispatch`] before each flush.
 ///
 /// The client holds what is published for up to 5 ms unless told to flush, and its flush
-/// sends a PING and spins (`sched_yield`) until the PONG: one flush per pull from every worker
-/// thread took a quarter of the worker's CPU at max_inflight 100. Pullers and publishers ask
-/// this thread instead; requests that arrive during a flush are served by the next one. A
-/// worker thread never flushes itself, since a flush waits for its PONG without limit while
-/// the server is gone or the link half-open: only this thread may hang there, and it is never
-/// joined.
+/// sends a PING and waits for the PONG: one flush per pull from every worker thread took a
+/// quarter of the worker's CPU at max_inflight 100. Pullers and publishers ask this thread
+/// instead; requests that arrive during a flush are served by the next one, so the pull
+/// requests of threads that became idle meanwhile leave as one. A worker thread never flushes
+/// itself, since a flush waits for its PONG without limit while the server is gone or the link
+/// half-open: only this thread may hang there, and it is never joined.
 pub(super) struct Flusher {
-    requests: Sender<()>,
+    requests: FlushRequester,
     stop: Arc<AtomicBool>,
     /// Never joined: it may wait for a PONG that never comes. It ends with the process.
     _handle: JoinHandle<()>,
 }
 
+/// What runs on the flusher thread before each flush (the pool's pull requests).
+pub(super) trait Dispatch: Send + Sync {
+    /// Writes what is due; returns whether it wrote anything, and when it must run again
+    /// without being asked (a pause ends, a request is overdue).
+    fn dispatch(&self, now: Instant) -> (bool, Option<Instant>);
+}
+
 /// How a puller or a publisher gets what it wrote sent: asks the flusher thread.
+#[derive(Clone)]
 pub(super) struct FlushRequester {
     requests: Sender<()>,
 }
@@ -44,11 +53,24 @@ impl FlushRequester {
     }
 }
 
+/// The flusher's request channel, made before the flusher so that the pool can hold its end.
+pub(super) fn channel() -> (FlushRequester, Receiver<()>) {
+    let (requests, requested) = crossbeam_channel::bounded::<()>(1);
+    (FlushRequester { requests }, requested)
+}
+
+/// The flusher's longest sleep with nothing to do.
+const IDLE_TICK: Duration = Duration::from_secs(60);
+
 impl Flusher {
     /// Starts the thread. Each flush that succeeds confirms, in `ledger`, the acks written
     /// before it began.
-    pub(super) fn spawn(nc: &nats::Connection, ledger: &Arc<AckLedger>) -> io::Result<Flusher> {
-        let (requests, requested) = crossbeam_channel::bounded::<()>(1);
+    pub(super) fn spawn(
+        nc: &nats::Connection,
+        ledger: &Arc<AckLedger>,
+        (requests, requested): (FlushRequester, Receiver<()>),
+        dispatch: Arc<dyn Dispatch>,
+    ) -> io::Result<Flusher> {
         let stop = Arc::new(AtomicBool::new(false));
         let nc = nc.clone();
         let ledger = ledger.clone();
@@ -57,8 +79,24 @@ impl Flusher {
             .name("flusher".into())
             .stack_size(128 * 1024)
             .spawn(move || {
-                while requested.recv().is_ok() && !stopped.load(Ordering::SeqCst) {
+                let mut next: Option<Instant> = None;
+                loop {
+                    let wait =
+                        next.map_or(IDLE_TICK, |t| t.saturating_duration_since(Instant::now()));
+                    let asked = match requested.recv_timeout(wait) {
+                        Ok(()) => true,
+                        Err(RecvTimeoutError::Timeout) => false,
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    };
+                    if stopped.load(Ordering::SeqCst) {
+                        break;
+                    }
                     ledger.resend_after_reconnect(&nc);
+                    let (wrote, due) = dispatch.dispatch(Instant::now());
+                    next = due;
+                    if !(asked || wrote) {
+                        continue;
+                    }
                     let mark = ledger.mark();
                     if nc.flush_timeout(FLUSH_WRITE_TIMEOUT).is_ok() {
                         ledger.confirm(mark);
@@ -74,15 +112,13 @@ impl Flusher {
 
     /// A requester for one puller or one publish.
     pub(super) fn requester(&self) -> FlushRequester {
-        FlushRequester {
-            requests: self.requests.clone(),
-        }
+        self.requests.clone()
     }
 
     /// Tells the thread to end after the flush it may be in; never waits.
     pub(super) fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        self.requester().request();
+        self.requests.request();
     }
 }
 

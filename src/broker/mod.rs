@@ -1,5 +1,5 @@
 //! Every use of NATS lives here, behind [`Broker`] (the connection and everything on it),
-//! [`Puller`] (one worker thread's pull requests) and [`AckHandle`] (one delivered message).
+//! [`Puller`] (one worker thread's wait for work) and [`AckHandle`] (one delivered message).
 //! One file per job, each read without the others:
 //!
 //! - `connect.rs`: the client options (credentials, TLS, reconnect policy), what a refusal
@@ -11,8 +11,8 @@
 //!   that has messages, on `Q.<function>`, and one for the plain subject `Q`, with their names,
 //!   the stream's per-subject counts that say which functions have messages, their listing,
 //!   and the hand-over between static and function mode.
-//! - `pull.rs`: [`Puller`], one pull request at a time on an inbox of its own; the refused-pull
-//!   bookkeeping shared by all pullers.
+//! - `pull.rs`: the pool of [`Puller`]s on one shared inbox, and its dispatcher: pull requests
+//!   for as many messages as there are idle threads, sent by the flusher thread before a flush.
 //! - `ack.rs`: [`Delivery`], [`AckHandle`] and the ledger of acks the server has confirmed.
 //! - `publish.rs`: pipelined `publish_all` (the `publish` command) and `publish_acked` (dead
 //!   letters), with the header checks.
@@ -20,7 +20,8 @@
 //!
 //! Dependencies among the job files run one way: `ack.rs` and `provision.rs` use no other;
 //! `functions.rs` uses `provision.rs` (its API helpers and subject matching);
-//! `flush.rs` uses `ack.rs` (a flush confirms the acks written before it); `pull.rs` uses
+//! `flush.rs` uses `ack.rs` (a flush confirms the acks written before it) and runs a
+//! `Dispatch` it is handed (the pool's, from `connect.rs`) before each flush; `pull.rs` uses
 //! `ack.rs` and `flush.rs`; `publish.rs` uses `flush.rs`; `connect.rs` uses all but
 //! `publish.rs` to assemble the [`Broker`]; none uses `connect.rs`. Pullers and publishes get
 //! the connection and a flush requester handed in, never the [`Broker`]. Each file takes
@@ -79,6 +80,7 @@ pub(crate) use provision::{
 pub(crate) use publish::OutMessage;
 pub(crate) use publish::{header_value_lossy, valid_msg_id};
 pub use pull::Puller;
+pub(crate) use pull::{TargetLimits, TargetState};
 
 /// How long [`Broker::shutdown`] waits for the client's close before leaving it behind.
 const CLOSE_WAIT: Duration = Duration::from_millis(500);
@@ -89,7 +91,7 @@ pub struct Broker {
     streams: provision::Streams,
     functions: functions::Functions,
     flusher: flush::Flusher,
-    pullers: pull::Pullers,
+    pullers: Arc<pull::Pullers>,
     ledger: Arc<ack::AckLedger>,
 }
 
@@ -172,7 +174,7 @@ pub(crate) struct QueueSpec {
     /// In memory instead of on disk, for a stream the worker creates.
     pub memory_storage: bool,
     pub ack_wait: Duration,
-    /// Worker threads, each with one pull request waiting at the server when idle.
+    /// Worker threads; the idle ones share pull requests waiting at the server.
     pub max_inflight: usize,
     pub max_waiting: usize,
     pub max_ack_pending: usize,
@@ -343,8 +345,29 @@ impl Broker {
 
     /// A puller with its own subscription. Make them all before starting worker threads.
     pub(crate) fn puller(&self, spec: &QueueSpec) -> Result<Puller, BrokerError> {
-        self.pullers
-            .puller(&self.nc, self.flusher.requester(), spec)
+        self.pullers.puller(&self.nc, spec, true)
+    }
+
+    /// A puller for function mode: the pool pulls only from the consumers given to
+    /// [`Broker::pull_from`].
+    pub(crate) fn function_puller(&self, spec: &QueueSpec) -> Result<Puller, BrokerError> {
+        self.pullers.puller(&self.nc, spec, false)
+    }
+
+    /// The pool pulls from `consumer` too (or changes how): within `limits`, and only while
+    /// it holds messages (`pending`, when known: the stream's count for its subject).
+    pub(crate) fn pull_from(&self, consumer: &str, limits: TargetLimits, pending: Option<u64>) {
+        self.pullers.pull_from(consumer, limits, pending);
+    }
+
+    /// The pool stops pulling from `consumer`.
+    pub(crate) fn stop_pulling_from(&self, consumer: &str) {
+        self.pullers.stop_pulling_from(consumer);
+    }
+
+    /// The consumers the pool pulls from, with what runs and what is asked for.
+    pub(crate) fn pull_targets(&self) -> Vec<TargetState> {
+        self.pullers.targets()
     }
 
     /// Pull requests the server refused so far (409 and other statuses that end a request).
@@ -352,11 +375,17 @@ impl Broker {
         self.pullers.refused_total()
     }
 
-    /// Wakes every idle puller at once, so that it sees the stop flag passed to
-    /// [`Puller::next`] or pulls again from a re-created consumer. (After a reconnect the
-    /// connection wakes them itself.) Local: never waits, whatever the connection does.
-    pub(crate) fn wake_pullers(&self) {
-        self.pullers.wake_all();
+    /// Stops pulling for good (shutdown): no more pull requests, and the server forgets the
+    /// waiting ones, so that work handed back from here goes to other workers. Local writes
+    /// only: never waits, whatever the connection does.
+    pub(crate) fn stop_pulling(&self) {
+        self.pullers.stop();
+    }
+
+    /// The consumer was re-created: the pull requests waiting at the old one are gone, and
+    /// the pool asks the new one afresh.
+    pub(crate) fn restart_pulls(&self) {
+        self.pullers.restart();
     }
 
     /// Publishes messages with de-duplication ids, many in flight at once, and waits for

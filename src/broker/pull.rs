@@ -1,18 +1,25 @@
-//! Pulling: each worker thread's [`Puller`] asks for one message at a time, so that nothing
-//! waits in a local buffer while its ack window runs.
+//! Pulling: the worker threads share one inbox and ask the server, together, for as many
+//! messages as there are idle threads, so that a message is taken from the server only when a
+//! thread is free for it and nothing waits in a local buffer while its ack window runs.
 //!
-//! Each puller owns a subscription on its own wildcard inbox, `<inbox>.<index>.<g>.*`, and gives
-//! every pull request its own reply subject `<inbox>.<index>.<g>.<n>`: status replies (404, 408,
-//! 409) come on the reply subject of the request they end, so a late status of an expired request
-//! is told apart from the current one. `<g>` counts the puller's inboxes: after a reconnect the
-//! client resubscribes every inbox, which would revive a pull request still waiting at a server
-//! that stayed up, so the puller moves to a fresh inbox and unsubscribes the old one (the server
-//! drops requests whose inbox has no interest). A delivery nobody asked for is handed back (NAK)
-//! at once. A local channel wakes an idle puller (on shutdown and after a reconnect): waking needs
-//! no round trip through a server that may be gone.
+//! The count that makes this work is the *credit*: messages asked for and not yet delivered.
+//! A thread that becomes idle counts itself; the dispatcher (run by the flusher thread before
+//! each flush, see `flush.rs`) sends one pull request for `idle - credit` messages, so requests
+//! made while a flush waits for its PONG are sent together. A delivery lowers the credit and
+//! wakes one idle thread (they all wait on the inbox); a request that expires (408) or is
+//! refused (409) gives back what it did not deliver: its reply subject carries its batch, and
+//! the 408 says how many it still owed (`Nats-Pending-Messages`). The credit never exceeds
+//! the idle threads, so every delivery has a thread waiting for it.
+//!
+//! The inbox is `<prefix>.<n>.*`, each request answered on `<prefix>.<n>.<batch>`. After
+//! anything that may lose or revive requests (a reconnect: the client resubscribes the inbox,
+//! which would revive a request still waiting at a server that stayed up; a new consumer
+//! leader; a re-created consumer; a credit that outlived every request) the dispatcher starts
+//! afresh on inbox `n + 1`, unsubscribes the old one (the server drops requests whose inbox has
+//! no interest) and hands back (NAK) at once whatever still arrives on it: no thread ever gets
+//! a delivery it did not ask for. A local channel per thread wakes an idle one on shutdown and
+//! after a reconnect: waking needs no round trip through a server that may be gone.
 
-use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,18 +28,23 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use nats::jetstream::AckKind;
 
-use super::ack::{parse_ack_subject, AckHandle, AckLedger, Delivery, ACK};
-use super::flush::FlushRequester;
+use super::ack::{parse_ack_subject, AckHandle, AckLedger, Delivery, TargetKey};
+use super::flush::{Dispatch, FlushRequester};
 use super::{api, status_of, BrokerError, QueueSpec};
 use crate::sync::lock;
 
-/// How long a pull request waits at the server for a message before it expires.
+/// How long a pull request waits at the server for messages before it expires.
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
-/// Extra client-side wait past `expires` before a pull request is given up as lost.
+/// Extra wait past `expires` for the 408 of the latest request: a credit still left then was
+/// lost (the requests that held it are gone), and the dispatcher starts afresh.
 const PULL_MARGIN: Duration = Duration::from_secs(2);
-/// Pause before the next pull request after one was refused (409: consumer deleted, too many
-/// waiting pulls, ...) or could not be sent.
+/// Pause before the next pull request after one was refused (409: too many waiting pulls, ...)
+/// or could not be sent.
 const PULL_PAUSE: Duration = Duration::from_secs(1);
+/// The largest batch of one request; more idle threads get more requests.
+const MAX_BATCH: usize = 256;
+/// The longest an idle thread waits before it looks at the stop flag and the inbox again.
+const IDLE_WAIT: Duration = Duration::from_secs(5);
 
 /// One wake-up channel per puller, in puller order. Waking is local: it never waits, whatever
 /// the connection does.
@@ -49,58 +61,166 @@ impl Wakes {
     }
 }
 
-/// What the pullers of one connection share, and how new ones are made.
-pub(super) struct Pullers {
-    /// The connection's inbox prefix: puller `i` answers on `<inbox>.<i>.<g>.*`.
-    inbox: String,
-    /// Also woken by the connection itself after a reconnect.
+/// The pool's inbox of one generation: deliveries and status replies of its requests.
+#[derive(Clone)]
+struct Inbox {
+    n: u64,
+    rx: Receiver<nats::Message>,
+}
+
+/// What the dispatcher and the worker threads share, under one lock.
+struct State {
+    inbox: Inbox,
+    sub: Option<nats::Subscription>,
+    /// The reconnect generation the inbox was made in.
+    generation: u64,
+    /// Start afresh at the next dispatch (a re-created consumer).
+    renew: bool,
+    /// Shutting down: no more requests, and the inbox is gone.
+    stopped: bool,
+    /// Threads waiting for a message.
+    idle: usize,
+    /// Messages asked for and not delivered yet, of all targets; never more than `idle`.
+    credit: usize,
+    /// The consumers pulled from, by [`TargetKey`]; a slot is `None` once its target is
+    /// removed (and may be reused: a removed target had no request left).
+    targets: Vec<Option<Target>>,
+    /// Where the fair share starts looking, so that ties go round.
+    turn: usize,
+    /// When the latest request expires at the server, plus `PULL_MARGIN`.
+    quiet_after: Option<Instant>,
+    paused_until: Option<Instant>,
+    /// The refusal the pool is under (logged once until it clears).
+    refused: Option<String>,
+    batch_cap: usize,
+    expires: Duration,
+}
+
+/// One consumer the pool pulls from: the queue's durable (static mode), or a function's.
+struct Target {
+    consumer: String,
+    pull_subject: String,
+    /// Asked for and not delivered yet.
+    credit: usize,
+    /// Delivered to a thread that has not finished with it.
+    running: usize,
+    /// Messages the consumer holds for delivery, as last seen; `None`: unknown, ask anyway.
+    pending: Option<u64>,
+    /// The most of its messages running or asked for at once.
+    limit: usize,
+    /// How long its requests wait at the server.
+    expires: Duration,
+    /// No more requests; removed once nothing of it is asked for or running.
+    retired: bool,
+}
+
+impl Target {
+    /// How many more of its messages may be asked for now.
+    fn room(&self) -> usize {
+        if self.retired {
+            return 0;
+        }
+        let busy = self.credit + self.running;
+        let by_limit = self.limit.saturating_sub(busy);
+        match self.pending {
+            None => by_limit,
+            Some(p) => by_limit.min(
+                usize::try_from(p)
+                    .unwrap_or(usize::MAX)
+                    .saturating_sub(self.credit),
+            ),
+        }
+    }
+}
+
+/// How a target is pulled from: see [`Broker::pull_from`](super::Broker::pull_from).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TargetLimits {
+    /// The most of its messages running or asked for at once.
+    pub limit: usize,
+    /// How long its requests wait at the server.
+    pub expires: Duration,
+}
+
+/// A target as the pool sees it now (for `status` and metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TargetState {
+    pub consumer: String,
+    pub running: usize,
+    pub asked: usize,
+    pub pending: Option<u64>,
+    pub limit: usize,
+}
+
+struct Shared {
+    nc: nats::Connection,
+    /// `_INBOX.<nuid>`: the pool's inboxes are `<prefix>.<n>.*.*`.
+    prefix: String,
+    /// `$JS.API.CONSUMER.MSG.NEXT.<stream>.`
+    pull_prefix: String,
+    state: Mutex<State>,
     wakes: Arc<Wakes>,
-    /// Refused pull requests, shared by the pullers so that each condition is logged once.
-    refusals: Arc<Refusals>,
+    flush: FlushRequester,
     ledger: Arc<AckLedger>,
-    /// Bumped on every reconnect: pull requests made before it may be gone with the server.
+    /// Bumped on every reconnect (and a new consumer leader): requests made before may be
+    /// gone with the server, or revived by the client's resubscription.
     generation: Arc<AtomicU64>,
+    refused_total: AtomicU64,
+}
+
+/// The pool of pullers of one connection, and its dispatcher.
+pub(super) struct Pullers {
+    shared: Mutex<Option<Arc<Shared>>>,
+    prefix: String,
+    wakes: Arc<Wakes>,
+    ledger: Arc<AckLedger>,
+    generation: Arc<AtomicU64>,
+    flush: FlushRequester,
     /// Subscribed with the first puller: a new consumer leader in a cluster.
     leader_watch: Mutex<Option<nats::Handler>>,
 }
 
 impl Pullers {
     pub(super) fn new(
-        inbox: String,
+        prefix: String,
         wakes: Arc<Wakes>,
         ledger: Arc<AckLedger>,
         generation: Arc<AtomicU64>,
+        flush: FlushRequester,
     ) -> Pullers {
         Pullers {
-            inbox,
+            shared: Mutex::new(None),
+            prefix,
             wakes,
-            refusals: Arc::new(Refusals::default()),
             ledger,
             generation,
+            flush,
             leader_watch: Mutex::new(None),
         }
     }
 
-    /// In a cluster the consumer's leader holds the waiting pull requests; when it dies they
-    /// die with it while the connection lives, and the pullers would wait for their expiry
+    /// What the flusher thread runs before each flush: the pool's pull requests.
+    pub(super) fn dispatcher(self: &Arc<Self>) -> Arc<dyn Dispatch> {
+        self.clone()
+    }
+
+    /// In a cluster a consumer's leader holds the waiting pull requests; when it dies they
+    /// die with it while the connection lives, and the pool would wait for their expiry
     /// (`PULL_EXPIRES`) before asking again. On the server's advisory that a new leader was
-    /// elected they move to fresh inboxes and pull again at once, as after a reconnect.
-    fn watch_leader(&self, nc: &nats::Connection, spec: &QueueSpec) {
+    /// elected it starts afresh at once, as after a reconnect.
+    fn watch_leader(&self, nc: &nats::Connection, stream: &str, consumer: &str) {
         let mut watch = lock(&self.leader_watch);
         if watch.is_some() {
             return;
         }
-        let subject = format!(
-            "$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.{}.{}",
-            spec.stream, spec.durable
-        );
-        let (generation, wakes) = (self.generation.clone(), self.wakes.clone());
+        let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.{stream}.{consumer}");
+        let (generation, flush) = (self.generation.clone(), self.flush.clone());
         match nc.subscribe(&subject) {
             Ok(sub) => {
                 *watch = Some(sub.with_handler(move |_| {
-                    log::info!("a new leader for the consumer was elected: pulling again");
+                    log::info!("a new leader for a consumer was elected: pulling again");
                     generation.fetch_add(1, Ordering::SeqCst);
-                    wakes.wake_all();
+                    flush.request();
                     Ok(())
                 }))
             }
@@ -109,349 +229,745 @@ impl Pullers {
         }
     }
 
-    /// A puller with its own subscription. Make them all before starting worker threads.
+    /// A puller for one worker thread. Make them all before starting worker threads. With
+    /// `queue_consumer` the pool pulls from the queue's durable (static mode); without, only
+    /// from the targets given to [`Pullers::pull_from`] (function mode).
     pub(super) fn puller(
         &self,
         nc: &nats::Connection,
-        flush: FlushRequester,
         spec: &QueueSpec,
+        queue_consumer: bool,
     ) -> Result<Puller, BrokerError> {
-        self.watch_leader(nc, spec);
-        let (wake_tx, wake) = crossbeam_channel::bounded(1);
-        // The index is taken with the lock, the subscription made without it: the client's
-        // reconnect callback wakes the pullers, and must not wait for a subscribe.
-        let index = {
-            let mut wakes = lock(&self.wakes.0);
-            wakes.push(wake_tx);
-            wakes.len() - 1
+        let shared = {
+            let mut shared = lock(&self.shared);
+            match &*shared {
+                Some(s) => s.clone(),
+                None => {
+                    if queue_consumer {
+                        self.watch_leader(nc, &spec.stream, &spec.durable);
+                    } else {
+                        self.watch_leader(nc, &spec.stream, "*");
+                    }
+                    let generation = self.generation.load(Ordering::SeqCst);
+                    let (sub, inbox) = subscribe(nc, &self.prefix, 0)?;
+                    let pull_prefix = format!("$JS.API.CONSUMER.MSG.NEXT.{}.", spec.stream);
+                    let targets = if queue_consumer {
+                        vec![Some(Target {
+                            pull_subject: format!("{pull_prefix}{}", spec.durable),
+                            consumer: spec.durable.clone(),
+                            credit: 0,
+                            running: 0,
+                            pending: None,
+                            limit: usize::MAX,
+                            expires: PULL_EXPIRES,
+                            retired: false,
+                        })]
+                    } else {
+                        Vec::new()
+                    };
+                    let s = Arc::new(Shared {
+                        nc: nc.clone(),
+                        prefix: self.prefix.clone(),
+                        pull_prefix,
+                        state: Mutex::new(State {
+                            inbox,
+                            sub: Some(sub),
+                            generation,
+                            renew: false,
+                            stopped: false,
+                            idle: 0,
+                            credit: 0,
+                            targets,
+                            turn: 0,
+                            quiet_after: None,
+                            paused_until: None,
+                            refused: None,
+                            batch_cap: MAX_BATCH,
+                            expires: PULL_EXPIRES,
+                        }),
+                        wakes: self.wakes.clone(),
+                        flush: self.flush.clone(),
+                        ledger: self.ledger.clone(),
+                        generation: self.generation.clone(),
+                        refused_total: AtomicU64::new(0),
+                    });
+                    *shared = Some(s.clone());
+                    s
+                }
+            }
         };
-        let base = format!("{}.{index}", self.inbox);
-        let prefix = format!("{base}.0");
-        let sub = nc
-            .subscribe(&format!("{prefix}.*"))
-            .map_err(api("subscribing a puller inbox"))?;
-        let request = serde_json::to_vec(&serde_json::json!({
-            "batch": 1,
-            "expires": PULL_EXPIRES.as_nanos() as u64,
-        }))
-        .expect("pull request serializes");
+        let (wake_tx, wake) = crossbeam_channel::bounded(1);
+        lock(&self.wakes.0).push(wake_tx);
         Ok(Puller {
-            nc: nc.clone(),
-            flush,
-            sub,
-            base,
-            inboxes: 0,
+            shared,
             wake,
-            refusals: self.refusals.clone(),
-            ledger: self.ledger.clone(),
-            refused: None,
-            pull_subject: format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", spec.stream, spec.durable),
-            ack_next_body: [b"+NXT ".as_slice(), &request].concat(),
-            inbox_len: prefix.len() + 1,
-            reply: format!("{prefix}."),
-            request,
-            seq: 0,
+            idle: false,
             current: None,
-            generation: self.generation.clone(),
-            seen_generation: self.generation.load(Ordering::SeqCst),
         })
+    }
+
+    fn shared(&self) -> Option<Arc<Shared>> {
+        lock(&self.shared).clone()
     }
 
     /// Pull requests the server refused so far (409 and other statuses that end a request).
     pub(super) fn refused_total(&self) -> u64 {
-        self.refusals.total.load(Ordering::Relaxed)
+        self.shared()
+            .map_or(0, |s| s.refused_total.load(Ordering::Relaxed))
     }
 
-    /// Wakes every idle puller at once.
-    pub(super) fn wake_all(&self) {
-        self.wakes.wake_all();
-    }
-}
-
-/// Which refusals (409 and others) pullers are under now, by status and description: a
-/// condition is logged when the first puller meets it and when the last one is out of it.
-#[derive(Default)]
-struct Refusals {
-    /// Pullers under each refusal now.
-    now: Mutex<HashMap<String, usize>>,
-    /// Every refused pull request so far.
-    total: AtomicU64,
-}
-
-impl Refusals {
-    fn enter(&self, what: &str) {
-        let mut map = lock(&self.now);
-        let count = map.entry(what.to_string()).or_insert(0);
-        *count += 1;
-        if *count == 1 {
-            log::warn!(
-                "pull request refused: {what}; pausing {PULL_PAUSE:?} between tries (logged once until it clears)"
-            );
+    /// Pulls from `consumer` too (or changes how), within `limits`; `pending` is how many
+    /// messages it holds, if known (nothing is asked of a target known to hold none).
+    pub(super) fn pull_from(&self, consumer: &str, limits: TargetLimits, pending: Option<u64>) {
+        let Some(s) = self.shared() else { return };
+        let mut st = lock(&s.state);
+        let found = st
+            .targets
+            .iter_mut()
+            .flatten()
+            .find(|t| t.consumer == consumer);
+        match found {
+            Some(t) => {
+                t.limit = limits.limit.max(1);
+                t.expires = limits.expires;
+                t.retired = false;
+                if let Some(p) = pending {
+                    // What is running or asked for is in the stream's count too.
+                    t.pending = Some(p.saturating_sub((t.running + t.credit) as u64));
+                }
+            }
+            None => {
+                let target = Target {
+                    pull_subject: format!("{}{consumer}", s.pull_prefix),
+                    consumer: consumer.to_string(),
+                    credit: 0,
+                    running: 0,
+                    pending,
+                    limit: limits.limit.max(1),
+                    expires: limits.expires,
+                    retired: false,
+                };
+                match st.targets.iter().position(Option::is_none) {
+                    Some(free) => st.targets[free] = Some(target),
+                    None => st.targets.push(Some(target)),
+                }
+            }
         }
+        drop(st);
+        s.flush.request();
     }
 
-    fn leave(&self, what: &str) {
-        let mut map = lock(&self.now);
-        if let Some(count) = map.get_mut(what) {
-            *count -= 1;
-            if *count == 0 {
-                map.remove(what);
-                log::info!("pull requests accepted again (was: {what})");
+    /// No more requests to `consumer`; it is forgotten once nothing of it is asked for or
+    /// running.
+    pub(super) fn stop_pulling_from(&self, consumer: &str) {
+        let Some(s) = self.shared() else { return };
+        let mut st = lock(&s.state);
+        for slot in st.targets.iter_mut() {
+            if slot.as_ref().is_some_and(|t| t.consumer == consumer) {
+                let t = slot.as_mut().expect("just checked");
+                t.retired = true;
+                if t.credit == 0 && t.running == 0 {
+                    *slot = None;
+                }
             }
         }
     }
+
+    /// Every target as the pool sees it now.
+    pub(super) fn targets(&self) -> Vec<TargetState> {
+        let Some(s) = self.shared() else {
+            return Vec::new();
+        };
+        let st = lock(&s.state);
+        st.targets
+            .iter()
+            .flatten()
+            .map(|t| TargetState {
+                consumer: t.consumer.clone(),
+                running: t.running,
+                asked: t.credit,
+                pending: t.pending,
+                limit: t.limit,
+            })
+            .collect()
+    }
+
+    /// Shutting down: no more pull requests, and the inbox is unsubscribed so that the server
+    /// drops the requests waiting under it; what arrived on it is handed back. A message
+    /// handed back after this goes to another worker, not to a request of this one that
+    /// nobody would serve. Never waits on the server.
+    pub(super) fn stop(&self) {
+        if let Some(s) = self.shared() {
+            let mut st = lock(&s.state);
+            st.stopped = true;
+            st.credit = 0;
+            for t in st.targets.iter_mut().flatten() {
+                t.credit = 0;
+            }
+            if let Some(sub) = st.sub.take() {
+                if let Err(e) = sub.unsubscribe() {
+                    log::debug!("unsubscribing the inbox: {e}");
+                }
+            }
+            for msg in st.inbox.rx.try_iter() {
+                hand_back_unrequested(&msg, &s.ledger);
+            }
+        }
+        self.wakes.wake_all();
+        self.flush.request();
+    }
+
+    /// A consumer was re-created: the requests waiting at the old one are gone.
+    pub(super) fn restart(&self) {
+        if let Some(s) = self.shared() {
+            lock(&s.state).renew = true;
+        }
+        self.flush.request();
+    }
 }
 
-/// Pulls one message at a time for one worker thread, so that nothing waits in a local buffer
-/// while its ack window runs.
+impl Dispatch for Pullers {
+    fn dispatch(&self, now: Instant) -> (bool, Option<Instant>) {
+        match self.shared() {
+            Some(s) => s.dispatch(now),
+            None => (false, None),
+        }
+    }
+}
+
+fn subscribe(
+    nc: &nats::Connection,
+    prefix: &str,
+    n: u64,
+) -> Result<(nats::Subscription, Inbox), BrokerError> {
+    let sub = nc
+        .subscribe(&format!("{prefix}.{n}.*.*"))
+        .map_err(api("subscribing the pullers' inbox"))?;
+    let rx = sub.receiver().clone();
+    Ok((sub, Inbox { n, rx }))
+}
+
+impl Shared {
+    /// Sends the pull requests the idle threads need; starts afresh first when requests may
+    /// have been lost or revived. Returns whether it wrote anything, and when to run again
+    /// without being asked.
+    fn dispatch(&self, now: Instant) -> (bool, Option<Instant>) {
+        let mut st = lock(&self.state);
+        if st.stopped {
+            return (false, None);
+        }
+        let generation = self.generation.load(Ordering::SeqCst);
+        let lost = st.credit > 0 && st.quiet_after.is_some_and(|t| now >= t);
+        if lost {
+            log::debug!(
+                "{} requested message(s) outlived every pull request; pulling afresh",
+                st.credit
+            );
+        }
+        if generation != st.generation || st.renew || lost {
+            st.generation = generation;
+            st.renew = false;
+            self.renew_inbox(&mut st);
+        }
+        if st.credit == 0 {
+            st.quiet_after = None;
+        }
+        if let Some(until) = st.paused_until {
+            if now < until {
+                return (false, next_run(&st));
+            }
+            st.paused_until = None;
+        }
+        let want = st.idle.saturating_sub(st.credit);
+        if want == 0 {
+            return (false, next_run(&st));
+        }
+        let shares = fair_shares(&st.targets, st.turn, want);
+        st.turn = st.turn.wrapping_add(1);
+        let mut wrote = false;
+        for (key, mut count) in shares {
+            while count > 0 {
+                let batch = count.min(st.batch_cap);
+                let Some(t) = st.targets[key].as_ref() else {
+                    break;
+                };
+                let expires = t.expires.min(st.expires);
+                let reply = format!("{}.{}.{key}.{batch}", self.prefix, st.inbox.n);
+                let body = format!("{{\"batch\":{batch},\"expires\":{}}}", expires.as_nanos());
+                match self.nc.publish_with_reply_or_headers(
+                    &t.pull_subject,
+                    Some(&reply),
+                    None,
+                    body.as_bytes(),
+                ) {
+                    Ok(()) => {
+                        wrote = true;
+                        st.credit += batch;
+                        if let Some(t) = st.targets[key].as_mut() {
+                            t.credit += batch;
+                        }
+                        count -= batch;
+                        let quiet = now + expires + PULL_MARGIN;
+                        st.quiet_after = Some(st.quiet_after.map_or(quiet, |q| q.max(quiet)));
+                    }
+                    // Disconnected with a full reconnect buffer: try again shortly. A closed
+                    // connection shows as a closed inbox to the threads.
+                    Err(e) => {
+                        log::debug!("pull request not sent: {e}; pausing {PULL_PAUSE:?}");
+                        st.paused_until = Some(now + PULL_PAUSE);
+                        return (wrote, next_run(&st));
+                    }
+                }
+            }
+        }
+        (wrote, next_run(&st))
+    }
+
+    /// Moves to a fresh inbox and unsubscribes the old one, so that the requests the server
+    /// may keep under it lose their interest and are dropped; what still waits on the old one
+    /// is handed back. The credit starts at 0: nothing is asked for on the new inbox yet.
+    fn renew_inbox(&self, st: &mut State) {
+        // The acks a reconnect may have cost go out again before any new request.
+        self.ledger.resend_after_reconnect(&self.nc);
+        let n = st.inbox.n + 1;
+        let (sub, inbox) = match subscribe(&self.nc, &self.prefix, n) {
+            Ok(new) => new,
+            Err(e) => {
+                // Only a closed connection refuses a subscription; keep the old inbox.
+                log::debug!("cannot subscribe a fresh inbox: {e}");
+                return;
+            }
+        };
+        let old = std::mem::replace(&mut st.inbox, inbox);
+        if let Some(old_sub) = st.sub.replace(sub) {
+            if let Err(e) = old_sub.unsubscribe() {
+                log::debug!("unsubscribing an old inbox: {e}");
+            }
+        }
+        st.credit = 0;
+        for t in st.targets.iter_mut().flatten() {
+            t.credit = 0;
+        }
+        st.quiet_after = None;
+        for msg in old.rx.try_iter() {
+            hand_back_unrequested(&msg, &self.ledger);
+        }
+        // Threads waiting on the old inbox move to the new one.
+        self.wakes.wake_all();
+    }
+
+    /// A status reply: a request ended without delivering its whole batch.
+    fn on_status(&self, st: &mut State, status: &str, msg: &nats::Message) {
+        // `<prefix>.<n>.<target>.<batch>`
+        let mut tail = msg.subject.rsplit('.');
+        let batch = tail.next().and_then(|b| b.parse::<usize>().ok());
+        let key = tail.next().and_then(|k| k.parse::<usize>().ok());
+        let (Some(batch), Some(key)) = (batch, key) else {
+            return;
+        };
+        let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get(name)).cloned();
+        let give_back = |st: &mut State, n: usize| {
+            let Some(Some(t)) = st.targets.get_mut(key) else {
+                return;
+            };
+            let n = n.min(t.credit);
+            t.credit -= n;
+            st.credit = st.credit.saturating_sub(n);
+        };
+        match status {
+            // Expired (408) or nothing there (404): what it still owed comes back.
+            "408" | "404" => {
+                let owed = header("Nats-Pending-Messages").and_then(|p| p.parse::<usize>().ok());
+                match owed {
+                    Some(owed) => {
+                        give_back(st, owed.min(batch));
+                        if owed > 0 {
+                            // It had fewer messages than asked for: none left, as far as
+                            // anyone here knows.
+                            if let Some(Some(t)) = st.targets.get_mut(key) {
+                                if t.pending.is_some() {
+                                    t.pending = Some(0);
+                                }
+                            }
+                        }
+                    }
+                    None if batch == 1 => give_back(st, 1),
+                    // How much it delivered cannot be told: start afresh.
+                    None => {
+                        log::debug!("a {status} without Nats-Pending-Messages: pulling afresh");
+                        st.renew = true;
+                    }
+                }
+                self.accepted(st);
+            }
+            // Heartbeats are not asked for.
+            "100" => {}
+            _ => {
+                let description = header(nats::header::DESCRIPTION).unwrap_or_default();
+                let what = format!("{status} {description}");
+                self.refused_total.fetch_add(1, Ordering::Relaxed);
+                if description.starts_with("Exceeded Max") || status == "400" {
+                    // Refused as it came: it never held anything.
+                    give_back(st, batch);
+                    adapt_to_limit(st, &description);
+                } else {
+                    // Ended by the server (consumer deleted, leadership change, ...).
+                    st.renew = true;
+                }
+                if st.refused.as_deref() != Some(what.as_str()) {
+                    log::warn!(
+                        "pull request refused: {what}; pausing {PULL_PAUSE:?} between tries (logged once until it clears)"
+                    );
+                    st.refused = Some(what);
+                }
+                st.paused_until = Some(Instant::now() + PULL_PAUSE);
+            }
+        }
+    }
+
+    /// A request was answered: the pool is out of any refusal it was under.
+    fn accepted(&self, st: &mut State) {
+        if let Some(what) = st.refused.take() {
+            log::info!("pull requests accepted again (was: {what})");
+        }
+    }
+}
+
+/// Splits `want` messages among the targets with room, one at a time to the one with the
+/// fewest running or asked for (ties go round from `turn`): a target with a deep backlog gets
+/// no more than its share while others have work. Returns (target, count) pairs.
+fn fair_shares(targets: &[Option<Target>], turn: usize, want: usize) -> Vec<(usize, usize)> {
+    let n = targets.len();
+    if n == 1 {
+        let room = targets[0].as_ref().map_or(0, Target::room);
+        return vec![(0, want.min(room))];
+    }
+    let mut given = vec![0usize; n];
+    let mut left = want;
+    while left > 0 {
+        let mut best: Option<(usize, usize)> = None;
+        for i in 0..n {
+            let key = (turn + i) % n;
+            let Some(t) = targets[key].as_ref() else {
+                continue;
+            };
+            if t.room() <= given[key] {
+                continue;
+            }
+            let load = t.running + t.credit + given[key];
+            if best.is_none_or(|(_, l)| load < l) {
+                best = Some((key, load));
+            }
+        }
+        let Some((key, _)) = best else { break };
+        given[key] += 1;
+        left -= 1;
+    }
+    given
+        .into_iter()
+        .enumerate()
+        .filter(|&(_, c)| c > 0)
+        .collect()
+}
+
+fn next_run(st: &State) -> Option<Instant> {
+    match (st.paused_until, st.quiet_after.filter(|_| st.credit > 0)) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// A consumer's own limits on pull requests (`max_batch`, `max_expires`), read off the 409
+/// that refused one: later requests keep within them.
+fn adapt_to_limit(st: &mut State, description: &str) {
+    let limit = description.rsplit(' ').next().unwrap_or_default();
+    if description.starts_with("Exceeded MaxRequestBatch") {
+        if let Ok(n) = limit.parse::<usize>() {
+            st.batch_cap = n.clamp(1, MAX_BATCH);
+        }
+    } else if description.starts_with("Exceeded MaxRequestExpires") {
+        if let Ok(d) = crate::duration::parse_go_duration(limit) {
+            // Just under the limit, and never below a second.
+            st.expires = d
+                .saturating_sub(Duration::from_millis(100))
+                .clamp(Duration::from_secs(1), PULL_EXPIRES);
+        }
+    }
+}
+
+/// Waits for messages for one worker thread, from the pool's shared inbox.
 pub struct Puller {
-    nc: nats::Connection,
-    flush: FlushRequester,
-    sub: nats::Subscription,
-    /// `<inbox>.<index>`: the inboxes of this puller are `<base>.<g>.*`.
-    base: String,
-    /// `<g>` of the current inbox.
-    inboxes: u64,
+    shared: Arc<Shared>,
     wake: Receiver<()>,
-    refusals: Arc<Refusals>,
-    ledger: Arc<AckLedger>,
-    /// The refusal this puller is under (see [`Refusals`]).
-    refused: Option<String>,
-    /// The reply subject of the latest request, `<base>.<g>.<seq>`, rewritten in place.
-    reply: String,
-    /// Length of `<base>.<g>.`, the part of `reply` that stays.
-    inbox_len: usize,
-    pull_subject: String,
-    request: Vec<u8>,
-    /// `+NXT` and the pull request: acks one message and asks for the next.
-    ack_next_body: Vec<u8>,
-    seq: u64,
-    /// The pull request in flight (0 while pausing) and when to give up on it.
-    current: Option<(u64, Instant)>,
-    generation: Arc<AtomicU64>,
-    seen_generation: u64,
+    /// Counted among the pool's idle threads.
+    idle: bool,
+    /// The target of the delivery this thread works on.
+    current: Option<TargetKey>,
 }
 
 impl Puller {
     /// Waits for the next message. `None` once `stop` is set (wake the pullers after setting it).
     pub(crate) fn next(&mut self, stop: &AtomicBool) -> Result<Option<Delivery>, BrokerError> {
+        let shared = self.shared.clone();
+        let sh = &*shared;
         loop {
             if stop.load(Ordering::SeqCst) {
+                self.leave_idle();
                 return Ok(None);
             }
-            let generation = self.generation.load(Ordering::SeqCst);
-            if generation != self.seen_generation {
-                // Reconnected: a restarted server has forgotten our pull request, one that
-                // stayed up still has it and the client's resubscription revived it.
-                self.seen_generation = generation;
-                if let Some(delivery) = self.renew_inbox()? {
-                    return Ok(Some(delivery));
-                }
-            }
-            let (current, deadline) = match self.current {
-                Some(c) => c,
-                None => {
-                    self.hand_back_strays();
-                    self.request_one()
-                }
-            };
-            let wait = deadline.saturating_duration_since(Instant::now());
+            let inbox = self.enter_idle();
             let msg = crossbeam_channel::select! {
-                recv(self.sub.receiver()) -> msg => match msg {
-                    Ok(msg) => msg,
-                    Err(_) => return Err(BrokerError::Closed),
-                },
+                recv(inbox.rx) -> msg => msg,
                 recv(self.wake) -> _ => continue,
-                default(wait) => {
-                    if Instant::now() >= deadline {
-                        self.current = None;
-                    }
-                    continue;
-                }
+                default(IDLE_WAIT) => continue,
             };
-            if let Some(status) = status_of(&msg) {
-                // Status replies come on the reply subject of the request they end.
-                let tail = msg.subject.rsplit('.').next().unwrap_or_default();
-                let for_current = current != 0 && tail.parse::<u64>().ok() == Some(current);
-                if for_current {
-                    self.current = None;
+            let mut st = lock(&sh.state);
+            let Ok(msg) = msg else {
+                // The inbox is closed: retired (move to the new one), or the connection is.
+                if st.inbox.n == inbox.n {
+                    drop(st);
+                    self.leave_idle();
+                    return Err(BrokerError::Closed);
                 }
-                self.on_status(status, &msg, for_current);
+                continue;
+            };
+            if st.inbox.n != inbox.n {
+                // Asked for on an inbox given up: its thread's credit is gone.
+                drop(st);
+                if status_of(&msg).is_none() {
+                    hand_back_unrequested(&msg, &sh.ledger);
+                }
+                continue;
+            }
+            if let Some(status) = status_of(&msg) {
+                let before = st.credit;
+                sh.on_status(&mut st, status, &msg);
+                let more = st.credit < before || st.renew;
+                drop(st);
+                if more {
+                    sh.flush.request();
+                }
                 continue;
             }
             if msg.reply.is_none() {
                 continue;
             }
-            if current == 0 {
-                // Pausing, no request in flight: nobody asked for it. Holding it would let its
-                // ack window run out unleased, and the server would deliver it again.
-                hand_back_unrequested(&msg, &self.ledger);
+            let Some(key) = attribute(&mut st, &msg) else {
+                // Nobody asked for it. Holding it would let its ack window run out unleased,
+                // and the server would deliver it again.
+                drop(st);
+                hand_back_unrequested(&msg, &sh.ledger);
                 continue;
-            }
-            // Messages keep their stream subject, so which request one answers cannot
-            // be told; every request asks for one message, so it ends the one in flight.
-            self.current = None;
-            self.accepted();
-            return Ok(Some(Delivery::new(msg, &self.ledger)));
+            };
+            st.credit -= 1;
+            st.idle -= 1;
+            self.idle = false;
+            self.current = Some(TargetKey(key));
+            drop(st);
+            return Ok(Some(Delivery::new(msg, &sh.ledger)));
         }
     }
 
-    /// Moves to a fresh inbox after a reconnect and unsubscribes the old one, so that a pull
-    /// request the server kept under it loses its interest and is dropped: no thread ever has
-    /// two requests waiting. A delivery already received on the old inbox answers the request
-    /// that was in flight and is returned; any other one is handed back at once.
-    fn renew_inbox(&mut self) -> Result<Option<Delivery>, BrokerError> {
-        // The first puller to see the reconnect sends again the acks it may have cost (the
-        // flusher thread may still wait for a PONG from the old connection).
-        self.ledger.resend_after_reconnect(&self.nc);
-        let inboxes = self.inboxes + 1;
-        let prefix = format!("{}.{inboxes}", self.base);
-        let sub = match self.nc.subscribe(&format!("{prefix}.*")) {
-            Ok(sub) => sub,
-            Err(e) => {
-                // Only a closed connection refuses a subscription; keep the old inbox.
-                log::debug!("cannot subscribe a fresh puller inbox: {e}");
-                self.current = None;
-                return Ok(None);
-            }
+    /// This thread is done with its delivery (acked, handed back or held for a retry): its
+    /// target has one fewer running. Called before this thread counts itself idle.
+    fn finish_current(current: &mut Option<TargetKey>, st: &mut State) {
+        let Some(TargetKey(key)) = current.take() else {
+            return;
         };
-        self.inboxes = inboxes;
-        self.reply = format!("{prefix}.");
-        self.inbox_len = self.reply.len();
-        let old = std::mem::replace(&mut self.sub, sub);
-        let mut asked = matches!(self.current, Some((seq, _)) if seq != 0);
-        let mut taken = None;
-        for msg in old.try_iter() {
-            if status_of(&msg).is_some() || msg.reply.is_none() {
-                continue;
-            }
-            if asked {
-                asked = false;
-                taken = Some(msg);
-            } else {
-                hand_back_unrequested(&msg, &self.ledger);
-            }
-        }
-        if let Err(e) = old.unsubscribe() {
-            log::debug!("unsubscribing an old puller inbox: {e}");
-        }
-        self.current = None;
-        if taken.is_some() {
-            self.accepted();
-        }
-        Ok(taken.map(|msg| Delivery::new(msg, &self.ledger)))
-    }
-
-    /// With no request in flight, whatever waits in the subscription was not asked for (a
-    /// delivery for a request given up, which came while this thread was busy): hand it back
-    /// now, before a new request, so it is not taken for the answer to that one.
-    fn hand_back_strays(&mut self) {
-        while let Ok(msg) = self.sub.receiver().try_recv() {
-            if status_of(&msg).is_none() && msg.reply.is_some() {
-                hand_back_unrequested(&msg, &self.ledger);
+        let Some(slot) = st.targets.get_mut(key) else {
+            return;
+        };
+        if let Some(t) = slot.as_mut() {
+            t.running = t.running.saturating_sub(1);
+            if t.retired && t.running == 0 && t.credit == 0 {
+                *slot = None;
             }
         }
     }
 
-    /// Acks a finished message and asks for the next one in the same protocol message
-    /// (`+NXT`): the server handles one operation instead of an ack and a pull request, and
-    /// [`Puller::next`] then waits for the message it asked for. An error means the ack was
-    /// not sent either, so the message will be redelivered.
+    /// Counts this thread idle (asking the dispatcher for a message when the credit does not
+    /// cover it) and returns the inbox to wait on.
+    fn enter_idle(&mut self) -> Inbox {
+        let sh = &*self.shared;
+        let mut st = lock(&sh.state);
+        Puller::finish_current(&mut self.current, &mut st);
+        let mut ask = false;
+        if !self.idle {
+            self.idle = true;
+            st.idle += 1;
+            ask = st.idle > st.credit;
+        }
+        let inbox = st.inbox.clone();
+        drop(st);
+        if ask {
+            sh.flush.request();
+        }
+        inbox
+    }
+
+    fn leave_idle(&mut self) {
+        let shared = self.shared.clone();
+        let mut st = lock(&shared.state);
+        Puller::finish_current(&mut self.current, &mut st);
+        if self.idle {
+            self.idle = false;
+            st.idle -= 1;
+            // The credit may not exceed the idle threads; the surplus comes back by 408.
+            st.credit = st.credit.min(st.idle);
+        }
+    }
+
+    /// Acks a finished message and counts this thread idle at once, so that the next pull
+    /// request leaves with the ack in the same flush. An error means the ack was not sent,
+    /// so the message will be redelivered.
     pub(crate) fn ack_and_request_next(&mut self, ack: &AckHandle) -> io::Result<()> {
-        let Some(subject) = ack.ack_subject() else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the message has no ack subject",
-            ));
-        };
-        // A reconnect after this point is seen by `next`, which then pulls again.
-        self.seen_generation = self.generation.load(Ordering::SeqCst);
-        self.hand_back_strays();
-        let sent = self.send(Some(subject));
-        self.current = Some(self.ledger.record_final(Some(subject), ACK, sent)?);
-        Ok(())
-    }
-
-    /// Sends a pull request, or with `ack_subject` an ack with `+NXT`, answered on a fresh
-    /// reply subject, and has it flushed. Returns its sequence and when to give up on it.
-    fn send(&mut self, ack_subject: Option<&str>) -> io::Result<(u64, Instant)> {
-        self.seq += 1;
-        self.reply.truncate(self.inbox_len);
-        write!(self.reply, "{}", self.seq).expect("writing to a String");
-        let (subject, body) = match ack_subject {
-            Some(subject) => (subject, &self.ack_next_body),
-            None => (self.pull_subject.as_str(), &self.request),
-        };
-        self.nc
-            .publish_with_reply_or_headers(subject, Some(&self.reply), None, body)?;
-        // Without a flush the client holds it for up to 5 ms.
-        self.flush.request();
-        Ok((self.seq, Instant::now() + PULL_EXPIRES + PULL_MARGIN))
-    }
-
-    fn request_one(&mut self) -> (u64, Instant) {
-        let current = match self.send(None) {
-            Ok(sent) => sent,
-            // Disconnected with a full reconnect buffer: try again shortly. A closed connection
-            // shows as a closed subscription in `next`.
-            Err(e) => {
-                log::debug!("pull request not sent: {e}; pausing {PULL_PAUSE:?}");
-                (0, Instant::now() + PULL_PAUSE)
-            }
-        };
-        self.current = Some(current);
-        current
-    }
-
-    fn on_status(&mut self, status: &str, msg: &nats::Message, for_current: bool) {
-        match status {
-            // No message in time (408), none at all (404), or a heartbeat (100): pull again.
-            "404" | "408" | "100" if for_current => self.accepted(),
-            "404" | "408" | "100" => {}
-            _ if for_current => {
-                let description = msg
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(nats::header::DESCRIPTION))
-                    .cloned()
-                    .unwrap_or_default();
-                let what = format!("{status} {description}");
-                self.refusals.total.fetch_add(1, Ordering::Relaxed);
-                if self.refused.as_deref() != Some(what.as_str()) {
-                    self.accepted();
-                    self.refusals.enter(&what);
-                    self.refused = Some(what);
-                }
-                // Sequence 0 names no request: wait for the pause to pass (or a wake-up).
-                self.current = Some((0, Instant::now() + PULL_PAUSE));
-            }
-            _ => {}
-        }
-    }
-
-    /// A request was accepted: this puller is out of any refusal it was under.
-    fn accepted(&mut self) {
-        if let Some(what) = self.refused.take() {
-            self.refusals.leave(&what);
-        }
+        let acked = ack.ack();
+        self.enter_idle();
+        acked
     }
 }
 
 impl Drop for Puller {
     fn drop(&mut self) {
-        self.accepted();
+        self.leave_idle();
     }
 }
 
-/// Hands a delivery nobody asked for back to the server at once, for another puller.
+/// Which target asked for a delivery: the one target, or the one its ack subject names.
+/// Counts it running there and takes it off that target's credit; `None` when no target has
+/// credit for it.
+fn attribute(st: &mut State, msg: &nats::Message) -> Option<usize> {
+    if st.credit == 0 {
+        return None;
+    }
+    let info = msg.reply.as_deref().and_then(parse_ack_subject);
+    let key = if st.targets.len() == 1 {
+        0
+    } else {
+        let consumer = info.as_ref()?.consumer;
+        st.targets
+            .iter()
+            .position(|t| t.as_ref().is_some_and(|t| t.consumer == consumer))?
+    };
+    let t = st.targets[key].as_mut()?;
+    if t.credit == 0 {
+        return None;
+    }
+    t.credit -= 1;
+    t.running += 1;
+    if let (Some(_), Some(info)) = (t.pending, info) {
+        t.pending = Some(info.pending);
+    }
+    Some(key)
+}
+
+/// Hands a delivery nobody asked for back to the server at once, for another thread.
 fn hand_back_unrequested(msg: &nats::Message, ledger: &AckLedger) {
+    if status_of(msg).is_some() || msg.reply.is_none() {
+        return;
+    }
     let seq = msg
         .reply
         .as_deref()
         .and_then(parse_ack_subject)
-        .map_or(0, |(seq, _)| seq);
-    log::debug!(stream_seq = seq; "handing back a delivery no pull request of this thread asked for");
+        .map_or(0, |a| a.stream_seq);
+    log::debug!(stream_seq = seq; "handing back a delivery no idle thread asked for");
     if let Err(e) = ledger.record(msg.ack_kind(AckKind::Nak)) {
         log::debug!(stream_seq = seq; "could not hand back an unrequested delivery: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(running: usize, credit: usize, pending: Option<u64>, limit: usize) -> Option<Target> {
+        Some(Target {
+            consumer: String::new(),
+            pull_subject: String::new(),
+            credit,
+            running,
+            pending,
+            limit,
+            expires: PULL_EXPIRES,
+            retired: false,
+        })
+    }
+
+    #[test]
+    fn one_target_gets_what_it_has_room_for() {
+        assert_eq!(
+            fair_shares(&[target(3, 1, None, usize::MAX)], 0, 5),
+            [(0, 5)]
+        );
+        assert_eq!(fair_shares(&[target(3, 1, None, 6)], 0, 5), [(0, 2)]);
+        assert_eq!(fair_shares(&[target(0, 1, Some(3), 10)], 0, 5), [(0, 2)]);
+    }
+
+    #[test]
+    fn a_deep_backlog_gets_no_more_than_its_share() {
+        // A: 20,000 waiting, 12 running; B: 100 waiting, nothing running; 4 threads free.
+        let targets = [target(12, 0, Some(20_000), 16), target(0, 0, Some(100), 16)];
+        assert_eq!(fair_shares(&targets, 0, 4), [(1, 4)]);
+        // Both even: the free threads are shared.
+        let targets = [target(4, 0, Some(20_000), 16), target(4, 0, Some(100), 16)];
+        assert_eq!(fair_shares(&targets, 0, 4), [(0, 2), (1, 2)]);
+    }
+
+    #[test]
+    fn targets_without_work_or_at_their_limit_get_nothing() {
+        let mut retired = target(0, 0, None, 16);
+        retired.as_mut().unwrap().retired = true;
+        let targets = [
+            target(0, 0, Some(0), 16),
+            target(8, 0, Some(50), 8),
+            None,
+            retired,
+            target(1, 0, Some(2), 16),
+        ];
+        assert_eq!(fair_shares(&targets, 0, 10), [(4, 2)]);
+    }
+
+    #[test]
+    fn ties_go_round() {
+        let targets = [
+            target(0, 0, None, 16),
+            target(0, 0, None, 16),
+            target(0, 0, None, 16),
+        ];
+        assert_eq!(fair_shares(&targets, 0, 1), [(0, 1)]);
+        assert_eq!(fair_shares(&targets, 1, 1), [(1, 1)]);
+        assert_eq!(fair_shares(&targets, 2, 1), [(2, 1)]);
+    }
+
+    #[test]
+    fn limits_learned_from_a_refusal() {
+        let (_, rx) = crossbeam_channel::unbounded();
+        let mut st = State {
+            inbox: Inbox { n: 0, rx },
+            sub: None,
+            generation: 0,
+            renew: false,
+            stopped: false,
+            idle: 0,
+            credit: 0,
+            targets: Vec::new(),
+            turn: 0,
+            quiet_after: None,
+            paused_until: None,
+            refused: None,
+            batch_cap: MAX_BATCH,
+            expires: PULL_EXPIRES,
+        };
+        adapt_to_limit(&mut st, "Exceeded MaxRequestBatch of 10");
+        assert_eq!(st.batch_cap, 10);
+        adapt_to_limit(&mut st, "Exceeded MaxRequestExpires of 5s");
+        assert_eq!(st.expires, Duration::from_millis(4900));
+        adapt_to_limit(&mut st, "Exceeded MaxRequestExpires of 1é");
+        assert_eq!(
+            st.expires,
+            Duration::from_millis(4900),
+            "a bad limit changes nothing"
+        );
     }
 }
