@@ -73,7 +73,8 @@ start_mode_worker() {
     WORKER_METRICS=http://127.0.0.1:$port
     WORKER_LOG=$TMP/worker-$mode.log
     WORKER_T0=$(now_us)
-    WRAP_PID="" # no perf/strace wrapper (bench.sh's stop_worker reads it)
+    # shellcheck disable=SC2034 # read by bench.sh's stop_worker (once it wraps workers)
+    WRAP_PID="" # no perf/strace wrapper
     env nats_url="$NATS_URL" nats_stream="$stream" queue_name="$stream" nats_durable="$DURABLE" \
         gateway_url="http://127.0.0.1:$fn_port" max_inflight="$k" metrics_port="$port" \
         ack_wait=60s log_encoding=json scaling_mode="$mode" "$@" \
