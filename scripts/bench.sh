@@ -864,4 +864,7 @@ $(dpkg-query -W -f '${Version}' golang-github-nats-io-go-nats-dev 2>/dev/null ||
     report
 }
 
-main "$@"
+# Sourced (scripts/bench-function.sh uses the helpers above): define only.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+    main "$@"
+fi

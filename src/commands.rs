@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::broker::{Broker, OutMessage, QueueSpec};
+use crate::broker::{Broker, FunctionConsumer, OutMessage, QueueSpec};
 use crate::cli::{BodySource, PublishArgs};
 use crate::config::Config;
 use crate::request::{valid_function_name, GoUrl, Request};
@@ -111,11 +111,13 @@ pub fn publish(config: &Config, args: &PublishArgs) -> Result<(), Error> {
     Ok(())
 }
 
-/// Prints the stream and consumer counters.
+/// Prints the stream and consumer counters, and function mode's consumers when there are any
+/// (whatever `scaling_mode` says: they may be left by another worker).
 pub fn status(config: &Config, json: bool) -> Result<(), Error> {
     let broker = Broker::connect_once(config.into(), None)?;
     let stream = broker.queue_stream(&QueueSpec::from(config))?;
     let state = broker.queue_state(&stream, &config.durable)?;
+    let functions = broker.function_consumers(&stream, &config.durable, &config.subject)?;
     let dead = match &config.dead_letter_subject {
         Some(subject) => broker.dead_letter_count(subject)?,
         None => None,
@@ -126,6 +128,7 @@ pub fn status(config: &Config, json: bool) -> Result<(), Error> {
             "{}",
             serde_json::to_string(&StatusJson {
                 state: &state,
+                function_consumers: &functions,
                 dead_letter_stream: dead.as_ref().map(|(name, _)| name.as_str()),
                 dead_letters: dead.as_ref().map(|(_, n)| *n),
             })
@@ -150,6 +153,9 @@ pub fn status(config: &Config, json: bool) -> Result<(), Error> {
             state.redelivered,
             state.waiting
         );
+        if !functions.is_empty() {
+            print!("{}", function_table(&functions));
+        }
         match (&config.dead_letter_subject, &dead) {
             (Some(_), Some((name, n))) => {
                 println!("dead letters {name}\n  messages     {n}")
@@ -164,10 +170,35 @@ pub fn status(config: &Config, json: bool) -> Result<(), Error> {
 /// The subject the gateway publishes a request for `function` to: `Q.NAME` or
 /// `Q.NAME.NAMESPACE`. None for a name that cannot be one or two subject tokens.
 fn publish_subject(queue: &str, function: &str) -> Option<String> {
-    let tokens = function.split('.').count();
-    let ok =
-        valid_function_name(function) && tokens <= 2 && !function.split('.').any(str::is_empty);
-    ok.then(|| format!("{queue}.{function}"))
+    crate::broker::routable_function(function).then(|| format!("{queue}.{function}"))
+}
+
+/// Function mode's consumers, one line each: function, pending, ack pending, consumer.
+fn function_table(consumers: &[FunctionConsumer]) -> String {
+    let name = |c: &FunctionConsumer| c.function.clone().unwrap_or_else(|| "(plain)".into());
+    let width = consumers
+        .iter()
+        .map(|c| name(c).len())
+        .max()
+        .unwrap_or(0)
+        .max(8);
+    let mut out = format!(
+        "function consumers ({})\n  {:<width$}  {:>10}  {:>11}  consumer\n",
+        consumers.len(),
+        "function",
+        "pending",
+        "ack pending"
+    );
+    for c in consumers {
+        out.push_str(&format!(
+            "  {:<width$}  {:>10}  {:>11}  {}\n",
+            name(c),
+            c.pending,
+            c.ack_pending,
+            c.name
+        ));
+    }
+    out
 }
 
 /// `status --json`: the queue counters and, with `dead_letter_subject`, the dead letters.
@@ -175,6 +206,9 @@ fn publish_subject(queue: &str, function: &str) -> Option<String> {
 struct StatusJson<'a> {
     #[serde(flatten)]
     state: &'a crate::broker::QueueState,
+    /// Function mode's consumers (`function` null: the plain subject).
+    #[serde(skip_serializing_if = "<[FunctionConsumer]>::is_empty")]
+    function_consumers: &'a [FunctionConsumer],
     #[serde(skip_serializing_if = "Option::is_none")]
     dead_letter_stream: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -194,6 +228,27 @@ mod tests {
         for bad in ["", "a..b", "a.", "a.b.c", "a*", "a>", "a b"] {
             assert_eq!(p("q", bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn function_consumers_are_listed_one_a_line() {
+        let c = |function: Option<&str>, pending, ack_pending| super::FunctionConsumer {
+            name: crate::broker::consumer_name("w", function),
+            function: function.map(String::from),
+            pending,
+            ack_pending,
+            waiting: 0,
+            redelivered: 0,
+        };
+        let table =
+            super::function_table(&[c(None, 1, 0), c(Some("figlet.openfaas-fn"), 20000, 16)]);
+        assert_eq!(
+            table,
+            "function consumers (2)\n\
+             \x20 function               pending  ack pending  consumer\n\
+             \x20 (plain)                      1            0  w-plain\n\
+             \x20 figlet.openfaas-fn       20000           16  w-fn-figlet_openfaas-fn\n"
+        );
     }
 
     #[test]

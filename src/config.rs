@@ -50,6 +50,15 @@ pub struct Config {
     pub(crate) tls_insecure: bool,
     /// User and password sent to `gateway_url` (never to callbacks), from `basic_auth`.
     pub(crate) gateway_auth: Option<(String, Secret)>,
+    /// One consumer for the queue, or one per function (`scaling_mode`).
+    pub(crate) scaling_mode: ScalingMode,
+    /// Function mode: idle time after which the server removes a per-function consumer.
+    pub(crate) consumer_inactive_threshold: Duration,
+    /// Function mode: calls of one function at once (`None`: up to `max_inflight`).
+    pub(crate) max_inflight_per_function: Option<NonZeroUsize>,
+    /// Function mode: adaptive concurrency per function (always false in static mode, where
+    /// the worker cannot choose what it pulls).
+    pub(crate) limiter_enabled: bool,
     /// One line for each setting that was given but has no effect yet, to log at start.
     pub notices: Vec<String>,
 }
@@ -98,6 +107,20 @@ pub struct NatsTls {
     /// Certificate and key files.
     pub client_cert: Option<(PathBuf, PathBuf)>,
 }
+
+/// How the worker consumes the queue (`scaling_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ScalingMode {
+    /// One durable consumer (`nats_durable`) for every subject of the queue (the default).
+    Static,
+    /// A durable consumer per function that has messages (`Q.<function>`), made on demand
+    /// and removed by the server when idle, plus one for the plain subject `Q`.
+    Function,
+}
+
+/// The longest `nats_durable` in function mode: per-function consumers are named after it and
+/// their names are kept within [`crate::broker`]'s bound.
+pub(crate) const MAX_FUNCTION_MODE_DURABLE: usize = 64;
 
 /// Where a stream created by the worker keeps its messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,6 +221,8 @@ struct Draft {
     nats: NatsDraft,
     basic_auth: bool,
     secret_mount_path: PathBuf,
+    /// `limiter_enabled` as given; its default depends on `scaling_mode`.
+    limiter_enabled: Option<bool>,
 }
 
 /// Accepts a setting of the OpenFaaS chart that this worker does not act on yet.
@@ -739,18 +764,37 @@ const SETTINGS: &[Setting] = &[
     Setting {
         name: "scaling_mode",
         default: DefaultIs::Value("static"),
-        help: "`static`: one consumer for the queue (`function`, a consumer per function, is not supported yet)",
-        apply: |_, v| match v {
-            "static" => Ok(()),
-            "function" => Err("static (scaling_mode=function is not supported by this worker yet)".into()),
-            _ => Err("static or function".into()),
+        help: "`static`: one consumer for the whole queue; `function`: a consumer per function that has messages, made on demand and removed when idle, with the threads shared fairly among the functions",
+        apply: |d, v| {
+            d.c.scaling_mode = with(v, "static or function", |v| {
+                match v.to_ascii_lowercase().as_str() {
+                    "static" => Some(ScalingMode::Static),
+                    "function" => Some(ScalingMode::Function),
+                    _ => None,
+                }
+            })?;
+            Ok(())
         },
     },
     Setting {
         name: "consumer_inactive_threshold",
         default: DefaultIs::Value("30s"),
-        help: "OpenFaaS chart: idle time before a per-function consumer is removed (no effect yet: function mode only)",
-        apply: |d, v| inert(d, positive_duration(v), "it applies to function mode only"),
+        help: "function mode: idle time after which the server removes a per-function consumer (its messages stay in the stream); no effect in static mode",
+        apply: |d, v| {
+            d.c.consumer_inactive_threshold = positive_duration(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "max_inflight_per_function",
+        default: DefaultIs::Unset,
+        help: "function mode: calls of one function at once (unset: up to `max_inflight`); no effect in static mode",
+        apply: |d, v| {
+            d.c.max_inflight_per_function = Some(with(v, "a whole number from 1 to 10000", |v| {
+                v.parse().ok().filter(|n: &NonZeroUsize| n.get() <= 10_000)
+            })?);
+            Ok(())
+        },
     },
     Setting {
         name: "consumer_pull_max_messages",
@@ -763,9 +807,12 @@ const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: "limiter_enabled",
-        default: DefaultIs::Value("true"),
-        help: "OpenFaaS chart: adaptive concurrency per function (no effect yet)",
-        apply: |d, v| inert(d, flag(v), "adaptive concurrency is not built yet"),
+        default: DefaultIs::Rule("true in function mode"),
+        help: "function mode: adaptive concurrency per function, cut on 429 (or 503 with Retry-After) and grown on success; no effect in static mode, where the worker cannot choose what it pulls",
+        apply: |d, v| {
+            d.limiter_enabled = Some(flag(v)?);
+            Ok(())
+        },
     },
     Setting {
         name: "default_function_name",
@@ -883,6 +930,7 @@ impl Config {
             nats: NatsDraft::default(),
             basic_auth: false,
             secret_mount_path: PathBuf::new(),
+            limiter_enabled: None,
         };
         for s in SETTINGS {
             let Some(value) = effective(s) else { continue };
@@ -905,6 +953,7 @@ impl Config {
             nats,
             basic_auth,
             secret_mount_path,
+            limiter_enabled,
             ..
         } = draft;
         if c.nats_urls.is_empty() {
@@ -962,7 +1011,47 @@ impl Config {
                 "a subject other than queue_name".into(),
             ));
         }
+        match c.scaling_mode {
+            ScalingMode::Function => {
+                c.limiter_enabled = limiter_enabled.unwrap_or(true);
+                if c.durable.len() > MAX_FUNCTION_MODE_DURABLE {
+                    let expected = format!(
+                        "a name of at most {MAX_FUNCTION_MODE_DURABLE} characters with \
+                         scaling_mode=function (the per-function consumers are named after it)"
+                    );
+                    return Err(refuse("nats_durable", expected));
+                }
+            }
+            ScalingMode::Static => {
+                // One consumer takes every subject: the worker cannot choose what it pulls.
+                c.limiter_enabled = false;
+                for var in [
+                    "consumer_inactive_threshold",
+                    "max_inflight_per_function",
+                    "limiter_enabled",
+                ] {
+                    if let Some(value) = get(var) {
+                        c.notices.push(format!(
+                            "{var}={value} has no effect in static mode: it applies to \
+                             scaling_mode=function only"
+                        ));
+                    }
+                }
+            }
+        }
         Ok(c)
+    }
+
+    /// Whether `scaling_mode=function`: a consumer per function.
+    pub fn function_mode(&self) -> bool {
+        self.scaling_mode == ScalingMode::Function
+    }
+
+    /// Function mode: the most calls of one function at once, `max_inflight_per_function`
+    /// within `max_inflight` (the adaptive limit never rises above it).
+    pub(crate) fn function_cap(&self) -> NonZeroUsize {
+        self.max_inflight_per_function
+            .map_or(self.max_inflight, |n| n.min(self.max_inflight))
     }
 
     /// The configuration with every default, as used by tests.
@@ -1010,6 +1099,10 @@ impl Config {
             callback_allowed_hosts: None,
             tls_insecure: false,
             gateway_auth: None,
+            scaling_mode: ScalingMode::Static,
+            consumer_inactive_threshold: Duration::ZERO,
+            max_inflight_per_function: None,
+            limiter_enabled: false,
             notices: Vec::new(),
         }
     }
@@ -1398,9 +1491,8 @@ mod tests {
     }
 
     #[test]
-    fn function_mode_and_partitions_are_refused_until_they_exist() {
+    fn partitions_and_unknown_scaling_modes_are_refused() {
         for (var, value) in [
-            ("scaling_mode", "function"),
             ("scaling_mode", "dynamic"),
             ("queue_partitions", "3"),
             ("filter_partition", "1"),
@@ -1408,6 +1500,78 @@ mod tests {
             let err = config(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var);
         }
+    }
+
+    #[test]
+    fn static_mode_is_the_default_and_ignores_the_function_mode_settings() {
+        let c = Config::defaults();
+        assert_eq!(c.scaling_mode, ScalingMode::Static);
+        assert!(!c.limiter_enabled, "nothing to limit with one consumer");
+        assert_eq!(c.consumer_inactive_threshold, Duration::from_secs(30));
+        assert_eq!(c.max_inflight_per_function, None);
+        assert!(c.notices.is_empty());
+        let c = config(&[
+            ("limiter_enabled", "true"),
+            ("max_inflight_per_function", "4"),
+            ("consumer_inactive_threshold", "5s"),
+        ])
+        .unwrap();
+        assert!(!c.limiter_enabled);
+        assert_eq!(c.notices.len(), 3, "{:?}", c.notices);
+        assert!(
+            c.notices
+                .iter()
+                .all(|n| n.contains("has no effect in static mode")),
+            "{:?}",
+            c.notices
+        );
+    }
+
+    #[test]
+    fn function_mode_reads_its_settings() {
+        let c = config(&[("scaling_mode", "function")]).unwrap();
+        assert_eq!(c.scaling_mode, ScalingMode::Function);
+        assert!(c.limiter_enabled, "on by default in function mode");
+        assert_eq!(c.consumer_inactive_threshold, Duration::from_secs(30));
+        assert_eq!(c.function_cap().get(), 50, "unset: max_inflight");
+        assert!(c.notices.is_empty(), "{:?}", c.notices);
+        let c = config(&[
+            ("scaling_mode", "Function"),
+            ("limiter_enabled", "false"),
+            ("consumer_inactive_threshold", "1m30s"),
+            ("max_inflight", "16"),
+            ("max_inflight_per_function", "4"),
+        ])
+        .unwrap();
+        assert!(!c.limiter_enabled);
+        assert_eq!(c.consumer_inactive_threshold, Duration::from_secs(90));
+        assert_eq!(c.max_inflight_per_function.map(NonZeroUsize::get), Some(4));
+        assert_eq!(c.function_cap().get(), 4);
+        let c = config(&[
+            ("scaling_mode", "function"),
+            ("max_inflight", "8"),
+            ("max_inflight_per_function", "100"),
+        ])
+        .unwrap();
+        assert_eq!(c.function_cap().get(), 8, "within max_inflight");
+        for (var, value) in [
+            ("consumer_inactive_threshold", "0s"),
+            ("consumer_inactive_threshold", "30"),
+            ("max_inflight_per_function", "0"),
+            ("max_inflight_per_function", "10001"),
+            ("limiter_enabled", "maybe"),
+        ] {
+            let err = config(&[("scaling_mode", "function"), (var, value)]).unwrap_err();
+            assert_eq!(err.var, var, "{var}={value}");
+        }
+        // Per-function consumers are named after nats_durable: a bounded length.
+        let long = "d".repeat(MAX_FUNCTION_MODE_DURABLE + 1);
+        assert!(
+            config(&[("nats_durable", &long)]).is_ok(),
+            "static: any name"
+        );
+        let err = config(&[("scaling_mode", "function"), ("nats_durable", &long)]).unwrap_err();
+        assert_eq!(err.var, "nats_durable");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - `worker`: one worker thread's loop from message to ack.
 //! - `invoke`: HTTP calls to functions and callbacks; what an attempt produced.
 //! - `retry`: the retry decision (ack, retry after d, give up), back-off and annotations.
+//! - `limiter`: adaptive concurrency per function (function mode): grows on success, cut on 429.
 //! - `timer`: the thread that keeps leases alive and hands due retries back.
 //! - `monitor`: the thread that re-creates a lost stream or consumer; the queue gauges.
 //! - [`request`]: the gateway's `QueueRequest` JSON, decoded and encoded.
@@ -20,11 +21,15 @@
 //! - `endpoint`: `/metrics`, `/healthz` and `/readyz` over HTTP.
 //! - `sync`: taking a lock whether or not it is poisoned.
 //! - [`logging`]: console or JSON log lines.
+//! - `function_mode`: function mode's broker pieces behind one handle, for the integration
+//!   tests (hidden from the docs).
 
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod error;
+#[doc(hidden)]
+pub mod function_mode;
 pub mod logging;
 pub mod request;
 pub mod supervisor;
@@ -34,6 +39,10 @@ mod broker;
 mod duration;
 mod endpoint;
 mod invoke;
+// Function mode's scheduler (issue 14) keeps one per function; until it is wired in, only the
+// tests use it.
+#[allow(dead_code)]
+mod limiter;
 mod metrics;
 mod monitor;
 mod retry;

@@ -2,7 +2,9 @@
 //! process. Function labels are capped so a flood of names cannot grow the series count.
 //!
 //! The queue gauges (pending, ack pending, submitted) are read from the server when `/metrics`
-//! is scraped, at most once a second, so they agree with `queue-worker status`. The
+//! is scraped, at most once a second, so they agree with `queue-worker status`;
+//! `queue_worker_pending_messages` also has a series per function (`function_name`), from the
+//! stream's per-subject counts, beside the queue's own (`queue_name` only). The
 //! per-function counters that alerts take `increase()` of (retries, given up) exist at 0 from a
 //! function's first invocation: a series born at its first increment reads as no increase.
 
@@ -10,9 +12,10 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use prometheus::core::{Collector, Desc};
 use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    proto, Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::sync;
@@ -30,7 +33,7 @@ const OTHER_FUNCTION: &str = "other";
 const QUEUE_READ_CACHE: Duration = Duration::from_secs(1);
 
 /// The queue counters as the server reports them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct QueueCounters {
     pub(crate) pending: u64,
     pub(crate) ack_pending: u64,
@@ -38,6 +41,37 @@ pub(crate) struct QueueCounters {
     pub(crate) submitted: u64,
     /// Pull requests the server refused so far (409 Exceeded MaxWaiting, ...).
     pub(crate) refused_pulls: u64,
+    /// Messages stored for each function (validated names, from the stream's per-subject
+    /// counts); `None` when they could not be read now (the per-function gauges keep their
+    /// last values).
+    pub(crate) functions: Option<Vec<(String, u64)>>,
+}
+
+/// `queue_worker_pending_messages`, one family with two kinds of series: the queue's
+/// (`queue_name`: messages in the consumer not yet delivered) and one per function
+/// (`queue_name`, `function_name`: messages stored for it, waiting, running or waiting for a
+/// retry). The registry would refuse two collectors of one name with different labels, so
+/// this one collector serves both.
+#[derive(Clone)]
+struct PendingFamily {
+    queue: IntGaugeVec,
+    functions: IntGaugeVec,
+}
+
+impl Collector for PendingFamily {
+    fn desc(&self) -> Vec<&Desc> {
+        self.queue.desc()
+    }
+
+    fn collect(&self) -> Vec<proto::MetricFamily> {
+        let mut families = self.queue.collect();
+        if let Some(family) = families.first_mut() {
+            for mut f in self.functions.collect() {
+                family.mut_metric().extend(f.take_metric());
+            }
+        }
+        families
+    }
 }
 
 /// Reads the queue counters from the server; `None` when it cannot now (then the gauges keep
@@ -70,6 +104,11 @@ pub(crate) struct Metrics {
     pub(crate) redelivered: IntCounter,
     pub(crate) ready: IntGauge,
     functions: RwLock<HashSet<String>>,
+    /// `queue_worker_pending_messages{queue_name,function_name}`.
+    function_pending: IntGaugeVec,
+    /// The per-function pending labels set by the last read, to zero when they go.
+    pending_labels: Mutex<HashSet<String>>,
+    concurrency_limit: IntGaugeVec,
     queue_reader: Mutex<Option<QueueReader>>,
     /// When the queue counters were last read; held while reading, so that concurrent scrapes
     /// wait for one read instead of each making their own.
@@ -88,12 +127,27 @@ impl Metrics {
                 m
             }};
         }
-        let pending = register!(IntGaugeVec::new(
+        let pending_help = "Messages waiting: for the queue (queue_name only), in the consumer \
+            and not yet delivered; per function (function_name), stored in the stream and not yet \
+            acknowledged (waiting, running or waiting for a retry)";
+        let pending = IntGaugeVec::new(
+            Opts::new("queue_worker_pending_messages", pending_help),
+            queue_label,
+        )?;
+        let function_pending = IntGaugeVec::new(
+            Opts::new("queue_worker_pending_messages", pending_help),
+            &["queue_name", "function_name"],
+        )?;
+        registry.register(Box::new(PendingFamily {
+            queue: pending.clone(),
+            functions: function_pending.clone(),
+        }))?;
+        let concurrency_limit = register!(IntGaugeVec::new(
             Opts::new(
-                "queue_worker_pending_messages",
-                "Messages waiting in the consumer, not yet delivered"
+                "queue_worker_function_concurrency_limit",
+                "Calls of the function that may run at once (function mode: the adaptive limit)"
             ),
-            queue_label
+            &["function_name"]
         )?);
         let ack_pending = register!(IntGaugeVec::new(
             Opts::new(
@@ -223,6 +277,9 @@ impl Metrics {
             redelivered,
             ready,
             functions: RwLock::new(HashSet::new()),
+            function_pending,
+            pending_labels: Mutex::new(HashSet::new()),
+            concurrency_limit,
             queue_reader: Mutex::new(None),
             queue_read: Mutex::new(None),
         })
@@ -292,6 +349,19 @@ impl Metrics {
         self.callbacks.with_label_values(&["refused"]).inc();
     }
 
+    /// Function mode: the adaptive concurrency limit of `function` (a validated name). A
+    /// function past the label cap has no series: one limit cannot stand for several.
+    // The function-mode scheduler sets it (issue 14); until it is wired in, only tests do.
+    #[allow(dead_code)]
+    pub(crate) fn set_concurrency_limit(&self, function: &str, limit: usize) {
+        let label = self.function_label(function);
+        if label != OTHER_FUNCTION || function == OTHER_FUNCTION {
+            self.concurrency_limit
+                .with_label_values(&[label])
+                .set(limit as i64);
+        }
+    }
+
     /// Sets the queue gauges from the server's counters.
     fn observe_queue(&self, c: QueueCounters) {
         self.pending.set(c.pending as i64);
@@ -300,6 +370,30 @@ impl Metrics {
         let seen = self.refused_pulls.get();
         self.refused_pulls
             .inc_by(c.refused_pulls.saturating_sub(seen));
+        if let Some(functions) = c.functions {
+            self.observe_function_pending(functions);
+        }
+    }
+
+    /// The per-function pending gauges: names past the label cap add up under `other`, and a
+    /// function whose messages are all gone reads 0 (its series stays).
+    fn observe_function_pending(&self, functions: Vec<(String, u64)>) {
+        let mut by_label: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+        for (name, n) in &functions {
+            *by_label.entry(self.function_label(name)).or_default() += n;
+        }
+        let mut labels = sync::lock(&self.pending_labels);
+        for gone in labels.iter().filter(|l| !by_label.contains_key(l.as_str())) {
+            self.function_pending
+                .with_label_values(&[self.queue.as_str(), gone.as_str()])
+                .set(0);
+        }
+        for (label, n) in &by_label {
+            self.function_pending
+                .with_label_values(&[self.queue.as_str(), label])
+                .set(*n as i64);
+            labels.insert(label.to_string());
+        }
     }
 
     /// Where scrapes read the queue counters from (`None`: nowhere, the gauges stay).
@@ -363,12 +457,16 @@ mod tests {
                 ack_pending: 0,
                 submitted: 100 * n,
                 refused_pulls: 0,
+                functions: Some(vec![("figlet".into(), n)]),
             })
         })));
         let first = m.render();
         assert!(first.contains("queue_worker_pending_messages{queue_name=\"q\"} 1"));
         assert!(first.contains("queue_worker_messages_submitted_total{queue_name=\"q\"} 100"));
         assert!(first.contains("# TYPE queue_worker_messages_submitted_total gauge"));
+        assert!(first.contains(
+            "queue_worker_pending_messages{function_name=\"figlet\",queue_name=\"q\"} 1"
+        ));
         // A second scrape within the cache time reads nothing new.
         m.render();
         assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 1);
@@ -378,6 +476,69 @@ mod tests {
         assert!(m
             .render()
             .contains("queue_worker_pending_messages{queue_name=\"q\"} 1"));
+    }
+
+    #[test]
+    fn pending_messages_per_function_share_the_family_and_the_label_cap() {
+        let m = Metrics::new("q").unwrap();
+        let counters = |functions: Vec<(String, u64)>| QueueCounters {
+            pending: 5,
+            functions: Some(functions),
+            ..QueueCounters::default()
+        };
+        let mut many: Vec<(String, u64)> = (0..MAX_FUNCTION_LABELS + 10)
+            .map(|i| (format!("f{i:03}"), 1))
+            .collect();
+        many.push(("echo".into(), 4));
+        m.observe_queue(counters(many));
+        let text = m.render();
+        let family: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("queue_worker_pending_messages"))
+            .collect();
+        assert!(family.contains(&"queue_worker_pending_messages{queue_name=\"q\"} 5"));
+        assert!(family
+            .contains(&"queue_worker_pending_messages{function_name=\"f000\",queue_name=\"q\"} 1"));
+        // 110 names past the first 100 (echo among them) add up under `other`.
+        assert!(family.contains(
+            &"queue_worker_pending_messages{function_name=\"other\",queue_name=\"q\"} 14"
+        ));
+        assert_eq!(family.len(), 1 + MAX_FUNCTION_LABELS + 1, "{family:?}");
+        assert_eq!(
+            text.matches("# TYPE queue_worker_pending_messages gauge")
+                .count(),
+            1,
+            "one family"
+        );
+        // Gone: 0, not a stale count; unreadable: left as it was.
+        m.observe_queue(counters(vec![("f001".into(), 2)]));
+        let text = m.render();
+        assert!(text
+            .contains("queue_worker_pending_messages{function_name=\"f000\",queue_name=\"q\"} 0"));
+        assert!(text
+            .contains("queue_worker_pending_messages{function_name=\"f001\",queue_name=\"q\"} 2"));
+        m.observe_queue(QueueCounters::default());
+        assert!(m
+            .render()
+            .contains("queue_worker_pending_messages{function_name=\"f001\",queue_name=\"q\"} 2"));
+    }
+
+    #[test]
+    fn concurrency_limits_per_function() {
+        let m = Metrics::new("q").unwrap();
+        m.set_concurrency_limit("figlet", 8);
+        m.set_concurrency_limit("figlet", 7);
+        for i in 0..MAX_FUNCTION_LABELS {
+            m.set_concurrency_limit(&format!("f{i}"), 1);
+        }
+        let text = m.render();
+        assert!(
+            text.contains("queue_worker_function_concurrency_limit{function_name=\"figlet\"} 7")
+        );
+        assert!(
+            !text.contains("queue_worker_function_concurrency_limit{function_name=\"other\"}"),
+            "no limit stands for several functions"
+        );
     }
 
     #[test]
@@ -392,6 +553,7 @@ mod tests {
             ack_pending: 1,
             submitted: 7,
             refused_pulls: 2,
+            functions: None,
         });
         let text = m.render();
         for line in [

@@ -32,6 +32,9 @@ pub(crate) fn spawn(
 
 /// Reads the queue gauges for a scrape: from the server while connected, else nothing (the
 /// gauges keep their last values rather than make the scrape wait for an absent server).
+/// The per-function pending counts come from the stream's per-subject counts, in either mode
+/// (messages on the plain subject `Q` name no function by their subject: they are in the
+/// queue's own series only).
 pub(crate) fn queue_reader(
     broker: &Arc<Broker>,
     spec: &QueueSpec,
@@ -39,16 +42,34 @@ pub(crate) fn queue_reader(
 ) -> metrics::QueueReader {
     let (broker, health) = (broker.clone(), health.clone());
     let (stream, durable) = (spec.stream.clone(), spec.durable.clone());
+    let queue = spec.subject.clone();
     Arc::new(move || {
         if !health.connected() {
             return None;
         }
+        let functions = match broker.pending_by_function(&stream, &queue) {
+            Ok(backlog) => Some(
+                backlog
+                    .functions
+                    .into_iter()
+                    .filter_map(|(f, n)| Some((f?, n)))
+                    .collect(),
+            ),
+            Err(e) => {
+                log::debug!(
+                    "reading the per-function counts for /metrics failed: {}",
+                    error_chain(&e)
+                );
+                None
+            }
+        };
         match broker.queue_state(&stream, &durable) {
             Ok(s) => Some(metrics::QueueCounters {
                 pending: s.pending,
                 ack_pending: s.ack_pending,
                 submitted: s.last_seq,
                 refused_pulls: broker.refused_pulls(),
+                functions,
             }),
             Err(e) => {
                 log::debug!(

@@ -232,9 +232,15 @@ fn the_openfaas_chart_env_block_starts_the_worker() {
         .iter()
         .filter(|l| l["level"] == "info")
         .filter_map(|l| l["msg"].as_str().map(String::from))
-        .filter(|m| m.contains("has no effect yet"))
+        .filter(|m| m.contains("has no effect"))
         .collect();
+    // Four the worker does not act on, and two of function mode's (this is static mode).
     assert_eq!(infos.len(), 6, "one line per inert setting: {infos:?}");
+    let static_only = infos
+        .iter()
+        .filter(|m| m.contains("in static mode"))
+        .count();
+    assert_eq!(static_only, 2, "{infos:?}");
     let w = warnings(&worker);
     assert!(
         w.iter()

@@ -1,40 +1,55 @@
 //! `bench-function`: a small, fast HTTP/1.1 function server for the benchmark harness.
 //!
 //! ```text
-//! bench-function [--port PORT] [--sleep-ms N]
+//! bench-function [--port PORT] [--sleep-ms N] [--sleep-ms-for NAME=N]... [--max-concurrent N]
+//!                [--record]
 //! ```
 //!
 //! * Listens on 127.0.0.1:PORT (0 = pick a free port). The first line on stdout is always
 //!   `listening on 127.0.0.1:NNNN`, flushed, so a script can read the port.
 //! * `POST|GET /function/<name>...`: reads and discards the body (Content-Length only),
 //!   optionally sleeps, answers `200` with an empty body and counts the request.
+//! * With `--max-concurrent N` it serves at most N function requests at once: one beyond
+//!   that is answered `429` at once (counted apart, as `rejected`), as a function with a
+//!   concurrency limit does.
 //! * `GET /_count`: the number of counted requests, as text (not counted itself).
-//! * `GET /_stats`: `{"count":N,"first_us":F,"last_us":L}`, with the wall-clock times (Unix
-//!   epoch microseconds, `null` before the first) at which the first and the latest counted
-//!   requests arrived.
-//! * `POST /_reset`: sets the count to zero and forgets the times.
+//! * `GET /_stats`: `{"count":N,"first_us":F,"last_us":L,"rejected":R,"max_active":M}`, with
+//!   the wall-clock times (Unix epoch microseconds, `null` before the first) at which the first
+//!   and the latest counted requests were answered, the 429s and the most requests served at
+//!   once.
+//! * `GET /_log` (with `--record`): one line per answered function request,
+//!   `ARRIVED_US DONE_US STATUS NAME` (epoch microseconds; NAME is the path segment after
+//!   `/function/`), in the order they were answered; `?function=NAME` keeps NAME's only.
+//! * `POST /_reset`: sets the counts to zero and forgets the times and the log.
 //! * Any other path: `404`, not counted.
 //!
-//! The delay comes from `--sleep-ms N`, else the `SLEEP_MS` environment variable, and a
-//! `sleep_ms=N` query parameter overrides it per request.
+//! The delay comes from `--sleep-ms N`, else the `SLEEP_MS` environment variable; a
+//! `--sleep-ms-for NAME=N` sets it for the function NAME alone, and a `sleep_ms=N` query
+//! parameter overrides both per request.
 //!
 //! One thread per connection, keep-alive, no pipelining needed, TCP_NODELAY, buffered
-//! reads and writes, and no per-request heap allocation on the counted path. The listen backlog
+//! reads and writes; the counted path allocates only the function's name (and, with
+//! `--record`, its log entry). The listen backlog
 //! is [`BACKLOG`] (the kernel caps it at `net.core.somaxconn`), as a Go gateway's is, not the
 //! 128 of `TcpListener::bind`: a worker with max_inflight 512 opens its connections all at once,
 //! and with 128 the kernel drops some SYNs, which the client sends again only after the 1 s
 //! initial retransmission timeout (those calls took 1.03 s and the run stalled for it).
 #![allow(deprecated)]
 
+use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Upper bound on the request head (request line plus headers).
 const MAX_HEAD: usize = 64 * 1024;
+
+/// One answered function request in the `--record` log: arrived and answered (epoch
+/// microseconds), status, function name.
+type LogEntry = (u64, u64, u16, String);
 
 struct Shared {
     count: AtomicU64,
@@ -42,6 +57,15 @@ struct Shared {
     first_us: AtomicU64,
     last_us: AtomicU64,
     sleep: Duration,
+    /// Per-function delays (`--sleep-ms-for`).
+    sleep_for: HashMap<String, Duration>,
+    /// Function requests served at most at once (`--max-concurrent`); beyond: 429.
+    max_concurrent: Option<usize>,
+    active: AtomicUsize,
+    max_active: AtomicUsize,
+    rejected: AtomicU64,
+    /// `--record`: (arrived_us, done_us, status, function name) of each function request.
+    log: Option<Mutex<Vec<LogEntry>>>,
 }
 
 /// Listen backlog of the function server: Go's is `net.core.somaxconn` (4096 by default).
@@ -73,13 +97,32 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         Ok(v) if !v.is_empty() => v.parse()?,
         _ => 0,
     };
+    let mut sleep_for = HashMap::new();
+    let mut max_concurrent = None;
+    let mut record = false;
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next()? {
         match arg {
             Long("port") | Short('p') => port = parser.value()?.parse()?,
             Long("sleep-ms") => sleep_ms = parser.value()?.parse()?,
+            Long("sleep-ms-for") => {
+                let v = parser.value()?.string()?;
+                let (name, ms) = v.split_once('=').ok_or("--sleep-ms-for NAME=MS")?;
+                sleep_for.insert(name.to_string(), Duration::from_millis(ms.parse()?));
+            }
+            Long("max-concurrent") => {
+                let n: usize = parser.value()?.parse()?;
+                if n == 0 {
+                    return Err("--max-concurrent must be at least 1".into());
+                }
+                max_concurrent = Some(n);
+            }
+            Long("record") => record = true,
             Long("help") | Short('h') => {
-                println!("usage: bench-function [--port PORT] [--sleep-ms N]");
+                println!(
+                    "usage: bench-function [--port PORT] [--sleep-ms N] [--sleep-ms-for NAME=N]... \
+                     [--max-concurrent N] [--record]"
+                );
                 return Ok(());
             }
             _ => return Err(arg.unexpected().into()),
@@ -99,6 +142,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         first_us: AtomicU64::new(0),
         last_us: AtomicU64::new(0),
         sleep: Duration::from_millis(sleep_ms),
+        sleep_for,
+        max_concurrent,
+        active: AtomicUsize::new(0),
+        max_active: AtomicUsize::new(0),
+        rejected: AtomicU64::new(0),
+        log: record.then(|| Mutex::new(Vec::with_capacity(1 << 16))),
     });
 
     for stream in listener.incoming() {
@@ -129,11 +178,15 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// What the request head told us.
 struct Head {
     route: Route,
+    /// The path segment after `/function/` (up to `/` or the end).
+    function: String,
     content_length: u64,
     close: bool,
     chunked: bool,
     expect_continue: bool,
     sleep_override: Option<u64>,
+    /// `/_log?function=NAME`.
+    log_function: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -141,6 +194,7 @@ enum Route {
     Function,
     Count,
     Stats,
+    Log,
     Reset,
     NotFound,
 }
@@ -152,7 +206,7 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
     let mut line: Vec<u8> = Vec::with_capacity(1024);
 
     loop {
-        let head = match read_head(&mut reader, &mut line)? {
+        let mut head = match read_head(&mut reader, &mut line)? {
             Some(h) => h,
             None => return Ok(()), // clean EOF between requests
         };
@@ -177,19 +231,50 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
         };
         match head.route {
             Route::Function => {
-                let delay = head
-                    .sleep_override
-                    .map_or(shared.sleep, Duration::from_millis);
+                let arrived = epoch_us();
+                let active = shared.active.fetch_add(1, Ordering::SeqCst) + 1;
+                if shared.max_concurrent.is_some_and(|max| active > max) {
+                    shared.active.fetch_sub(1, Ordering::SeqCst);
+                    shared.rejected.fetch_add(1, Ordering::Relaxed);
+                    if let Some(log) = &shared.log {
+                        let entry = (arrived, epoch_us(), 429, head.function.clone());
+                        log.lock().unwrap_or_else(|p| p.into_inner()).push(entry);
+                    }
+                    writer.write_all(b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 0\r\n")?;
+                    writer.write_all(conn_hdr)?;
+                    writer.write_all(b"\r\n")?;
+                    writer.flush()?;
+                    if head.close {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                shared.max_active.fetch_max(active, Ordering::Relaxed);
+                let delay = head.sleep_override.map_or_else(
+                    || {
+                        shared
+                            .sleep_for
+                            .get(&head.function)
+                            .copied()
+                            .unwrap_or(shared.sleep)
+                    },
+                    Duration::from_millis,
+                );
                 if !delay.is_zero() {
                     thread::sleep(delay);
                 }
                 let now = epoch_us();
+                shared.active.fetch_sub(1, Ordering::SeqCst);
                 let _ =
                     shared
                         .first_us
                         .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
                 shared.last_us.fetch_max(now, Ordering::Relaxed);
                 shared.count.fetch_add(1, Ordering::Relaxed);
+                if let Some(log) = &shared.log {
+                    let entry = (arrived, now, 200, std::mem::take(&mut head.function));
+                    log.lock().unwrap_or_else(|p| p.into_inner()).push(entry);
+                }
                 writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n")?;
                 writer.write_all(conn_hdr)?;
                 writer.write_all(b"\r\n")?;
@@ -216,9 +301,11 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
                     }
                 };
                 let body = format!(
-                    "{{\"count\":{n},\"first_us\":{},\"last_us\":{}}}",
+                    "{{\"count\":{n},\"first_us\":{},\"last_us\":{},\"rejected\":{},\"max_active\":{}}}",
                     opt(shared.first_us.load(Ordering::Relaxed)),
-                    opt(shared.last_us.load(Ordering::Relaxed))
+                    opt(shared.last_us.load(Ordering::Relaxed)),
+                    shared.rejected.load(Ordering::Relaxed),
+                    shared.max_active.load(Ordering::Relaxed)
                 );
                 write!(
                     writer,
@@ -229,10 +316,36 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
                 writer.write_all(b"\r\n")?;
                 writer.write_all(body.as_bytes())?;
             }
+            Route::Log => {
+                let mut body = String::new();
+                if let Some(log) = &shared.log {
+                    let log = log.lock().unwrap_or_else(|p| p.into_inner());
+                    body.reserve(log.len() * 48);
+                    let only = head.log_function.as_deref();
+                    for (arrived, done, status, name) in log.iter() {
+                        if only.is_none_or(|f| f == name) {
+                            body.push_str(&format!("{arrived} {done} {status} {name}\n"));
+                        }
+                    }
+                }
+                write!(
+                    writer,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n",
+                    body.len()
+                )?;
+                writer.write_all(conn_hdr)?;
+                writer.write_all(b"\r\n")?;
+                writer.write_all(body.as_bytes())?;
+            }
             Route::Reset => {
                 shared.count.store(0, Ordering::Relaxed);
                 shared.first_us.store(0, Ordering::Relaxed);
                 shared.last_us.store(0, Ordering::Relaxed);
+                shared.rejected.store(0, Ordering::Relaxed);
+                shared.max_active.store(0, Ordering::Relaxed);
+                if let Some(log) = &shared.log {
+                    log.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                }
                 writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n")?;
                 writer.write_all(conn_hdr)?;
                 writer.write_all(b"\r\n")?;
@@ -304,11 +417,22 @@ fn read_head<R: BufRead>(r: &mut R, line: &mut Vec<u8>) -> io::Result<Option<Hea
         Route::Count
     } else if path == b"/_stats" && method == b"GET" {
         Route::Stats
+    } else if path == b"/_log" && method == b"GET" {
+        Route::Log
     } else if path == b"/_reset" && method == b"POST" {
         Route::Reset
     } else {
         Route::NotFound
     };
+    let function = path
+        .strip_prefix(b"/function/")
+        .map(|rest| rest.split(|&b| b == b'/').next().unwrap_or(b""))
+        .map(|name| String::from_utf8_lossy(name).into_owned())
+        .unwrap_or_default();
+    let log_function = query
+        .split(|&b| b == b'&')
+        .find_map(|kv| kv.strip_prefix(b"function="))
+        .map(|name| String::from_utf8_lossy(name).into_owned());
     let sleep_override = query
         .split(|&b| b == b'&')
         .find_map(|kv| kv.strip_prefix(b"sleep_ms="))
@@ -347,11 +471,13 @@ fn read_head<R: BufRead>(r: &mut R, line: &mut Vec<u8>) -> io::Result<Option<Hea
 
     Ok(Some(Head {
         route,
+        function,
         content_length,
         close,
         chunked,
         expect_continue,
         sleep_override,
+        log_function,
     }))
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::ack::AckLedger;
 use super::flush::{self, Flusher};
+use super::functions::Functions;
 use super::provision::Streams;
 use super::pull::Pullers;
 use super::{Access, Broker, BrokerError, ConnectionEvents, NatsAuth};
@@ -276,6 +277,7 @@ impl Broker {
         })?;
         Ok(Broker {
             streams: Streams::new(&nc),
+            functions: Functions::new(&nc),
             pullers,
             flusher,
             nc,

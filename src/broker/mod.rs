@@ -7,6 +7,10 @@
 //! - `provision.rs`: finds or creates the stream, the durable pull consumer and the dead-letter
 //!   stream, with a warning for each setting that breaks the worker and an error for conflicts;
 //!   the queue counters for `status` and the metrics.
+//! - `functions.rs`: function mode's consumers (`scaling_mode=function`): one per function
+//!   that has messages, on `Q.<function>`, and one for the plain subject `Q`, with their names,
+//!   the stream's per-subject counts that say which functions have messages, their listing,
+//!   and the hand-over between static and function mode.
 //! - `pull.rs`: the pool of [`Puller`]s on one shared inbox, and its dispatcher: pull requests
 //!   for as many messages as there are idle threads, sent by the flusher thread before a flush.
 //! - `ack.rs`: [`Delivery`], [`AckHandle`] and the ledger of acks the server has confirmed.
@@ -15,6 +19,7 @@
 //! - `flush.rs`: the flusher thread, and waits on the client with deadlines of their own.
 //!
 //! Dependencies among the job files run one way: `ack.rs` and `provision.rs` use no other;
+//! `functions.rs` uses `provision.rs` (its API helpers and subject matching);
 //! `flush.rs` uses `ack.rs` (a flush confirms the acks written before it) and runs a
 //! `Dispatch` it is handed (the pool's, from `connect.rs`) before each flush; `pull.rs` uses
 //! `ack.rs` and `flush.rs`; `publish.rs` uses `flush.rs`; `connect.rs` uses all but
@@ -52,6 +57,7 @@
 mod ack;
 mod connect;
 mod flush;
+mod functions;
 mod provision;
 mod publish;
 mod pull;
@@ -66,6 +72,8 @@ use crate::config::{NatsAuth, NatsTls};
 pub use ack::AckHandle;
 pub(crate) use ack::Delivery;
 pub(crate) use connect::valid_nkey_seed;
+pub(crate) use functions::{consumer_name, routable_function, FunctionSpec, Handover};
+pub use functions::{FunctionBacklog, FunctionConsumer};
 pub(crate) use provision::{
     DeadLetterStream, Provisioned, QueueState, QueueStream, DEAD_LETTER_MAX_AGE,
 };
@@ -81,6 +89,7 @@ const CLOSE_WAIT: Duration = Duration::from_millis(500);
 pub struct Broker {
     nc: nats::Connection,
     streams: provision::Streams,
+    functions: functions::Functions,
     flusher: flush::Flusher,
     pullers: Arc<pull::Pullers>,
     ledger: Arc<ack::AckLedger>,
@@ -105,6 +114,8 @@ pub enum BrokerError {
     NoJetStream,
     /// Streams or consumers on the server stand in the way; says which and what to set.
     Conflict(String),
+    /// Not a function name the queue's subjects can carry (`name` or `name.namespace`).
+    NotRoutable(String),
 }
 
 impl fmt::Display for BrokerError {
@@ -124,6 +135,11 @@ impl fmt::Display for BrokerError {
                  `jetstream {{}}` in its config; OpenFaaS CE's NATS Streaming will not do)"
             ),
             BrokerError::Conflict(why) => write!(f, "{why}"),
+            BrokerError::NotRoutable(name) => write!(
+                f,
+                "{name:?} is not a function name a subject of the queue can carry (name or \
+                 name.namespace: letters, digits, '-' and '_')"
+            ),
         }
     }
 }
@@ -201,8 +217,84 @@ fn status_of(msg: &nats::Message) -> Option<&str> {
 impl Broker {
     /// Ensures the stream and the durable pull consumer, creating what is missing; existing
     /// ones are used as they are, with a warning for each setting that breaks the worker.
+    /// Function mode's consumers of the same `nats_durable` that stand in the way are removed
+    /// when idle (their messages stay in the stream), else named in the error.
     pub(crate) fn provision(&self, spec: &QueueSpec) -> Result<Provisioned, BrokerError> {
-        self.streams.provision(spec)
+        match self.streams.provision(spec) {
+            Err(BrokerError::Conflict(why)) => {
+                // The conflict may be a stream's (then there is nothing of function mode to
+                // hand over, and the stream's error stands).
+                let stream = QueueSpec {
+                    stream: self.streams.queue_stream(spec)?,
+                    ..spec.clone()
+                };
+                if self.functions.clear_for_static(&stream)?.removed.is_empty() {
+                    return Err(BrokerError::Conflict(why));
+                }
+                self.streams.provision(spec)
+            }
+            other => other,
+        }
+    }
+
+    /// Function mode, once at start after [`Broker::provision_stream`] (with
+    /// `spec.queue.stream` the stream found): removes this deployment's static consumer when
+    /// it is idle (it takes every subject, which a per-function consumer cannot share);
+    /// errors naming it when a worker still uses it, or naming any other consumer that takes
+    /// subjects of the queue. Never deletes a consumer with waiting pulls or unacknowledged
+    /// messages; undelivered ones stay in the stream.
+    pub(crate) fn prepare_function_mode(
+        &self,
+        spec: &FunctionSpec,
+    ) -> Result<Handover, BrokerError> {
+        self.functions.prepare_function_mode(spec)
+    }
+
+    /// Function mode: makes sure the consumer of `function` exists (`None`: the plain subject
+    /// `Q`'s) and returns its name. Idempotent, safe when another process creates it at the
+    /// same moment; a consumer of that name with another filter, or one of another name that
+    /// holds the subject, is an error naming it. The server removes it after
+    /// `spec.inactive_threshold` without a pull, so a pull that finds it gone calls this again.
+    pub(crate) fn ensure_function_consumer(
+        &self,
+        spec: &FunctionSpec,
+        function: Option<&str>,
+    ) -> Result<String, BrokerError> {
+        self.functions.ensure_function_consumer(spec, function)
+    }
+
+    /// Messages stored (waiting, running or waiting for a retry) for each function of the
+    /// queue `queue` in `stream`, from the stream's per-subject counts, and for the plain
+    /// subject; subjects that name no function are counted apart. Bounded: at most
+    /// [`functions::MAX_SUBJECTS`] subjects are read.
+    pub(crate) fn pending_by_function(
+        &self,
+        stream: &str,
+        queue: &str,
+    ) -> Result<FunctionBacklog, BrokerError> {
+        self.functions.pending_by_function(stream, queue)
+    }
+
+    /// The function-mode consumers of `durable` on `stream` with their pending, ack pending and
+    /// waiting counts (for `status` and the metrics); other consumers are left out.
+    pub(crate) fn function_consumers(
+        &self,
+        stream: &str,
+        durable: &str,
+        queue: &str,
+    ) -> Result<Vec<FunctionConsumer>, BrokerError> {
+        self.functions.function_consumers(stream, durable, queue)
+    }
+
+    /// Deletes consumer `name` of `stream` only if no worker uses it (no waiting pull, nothing
+    /// unacknowledged) and returns whether it did. For servers that would not remove idle
+    /// per-function consumers themselves; its undelivered messages stay in the stream.
+    pub(crate) fn remove_consumer_if_idle(
+        &self,
+        stream: &str,
+        name: &str,
+    ) -> Result<bool, BrokerError> {
+        self.functions.remove_if_idle(stream, name)
     }
 
     /// Finds the stream that captures the queue's subject, or creates it; never a consumer

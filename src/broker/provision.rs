@@ -13,10 +13,10 @@ use nats::jetstream::{
 use super::{api, BrokerError, QueueSpec};
 
 /// How long a JetStream API request made here waits for its answer (the crate's own wait).
-const API_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const API_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A JetStream API request that nobody answered: the server runs without JetStream.
-fn no_jetstream(e: io::Error) -> Result<BrokerError, io::Error> {
+pub(super) fn no_jetstream(e: io::Error) -> Result<BrokerError, io::Error> {
     if e.kind() == io::ErrorKind::NotFound || e.to_string().contains("no responders") {
         Ok(BrokerError::NoJetStream)
     } else {
@@ -448,7 +448,7 @@ impl Streams {
     }
 }
 
-fn api_error_code(e: &io::Error) -> Option<ErrorCode> {
+pub(super) fn api_error_code(e: &io::Error) -> Option<ErrorCode> {
     e.get_ref()
         .and_then(|inner| inner.downcast_ref::<nats::jetstream::Error>())
         .map(|err| err.error_code())
@@ -616,7 +616,7 @@ fn covers_all_under(pattern: &str, q: &str) -> bool {
 }
 
 /// NATS subject matching with `*` and `>` in the pattern.
-fn subject_matches(pattern: &str, subject: &str) -> bool {
+pub(super) fn subject_matches(pattern: &str, subject: &str) -> bool {
     let mut p = pattern.split('.');
     let mut s = subject.split('.');
     loop {
