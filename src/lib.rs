@@ -10,6 +10,7 @@
 //! - `worker`: one worker thread's loop from message to ack.
 //! - `invoke`: HTTP calls to functions and callbacks; what an attempt produced.
 //! - `retry`: the retry decision (ack, retry after d, give up), back-off and annotations.
+//! - `scheduler`: function mode: a consumer per function with work, and its concurrency limit.
 //! - `limiter`: adaptive concurrency per function (function mode): grows on success, cut on 429.
 //! - `timer`: the thread that keeps leases alive and hands due retries back.
 //! - `monitor`: the thread that re-creates a lost stream or consumer; the queue gauges.
@@ -39,13 +40,11 @@ mod broker;
 mod duration;
 mod endpoint;
 mod invoke;
-// Function mode's scheduler (issue 14) keeps one per function; until it is wired in, only the
-// tests use it.
-#[allow(dead_code)]
 mod limiter;
 mod metrics;
 mod monitor;
 mod retry;
+mod scheduler;
 mod sync;
 mod timer;
 mod url;

@@ -1,7 +1,7 @@
 //! Adaptive concurrency for one function (`limiter_enabled`, function mode): how many of its
 //! calls may run at once. Pure: no threads, no clock (the caller passes `Instant`s in), no
 //! knowledge of NATS or HTTP. The scheduler keeps one [`Limiter`] per function, asks
-//! [`Limiter::admits`] before it pulls a message for it, takes a [`Ticket`] with
+//! [`Limiter::limit`] (the pool pulls no more for it than that) before a message is pulled, takes a [`Ticket`] with
 //! [`Limiter::start`] when the call starts and reports how it ended: [`Limiter::succeeded`],
 //! or [`Limiter::overloaded`] for a 429 (or a 503 with `Retry-After`). Other outcomes (other
 //! statuses, timeouts, connection errors) say nothing about concurrency: report nothing.
@@ -119,6 +119,7 @@ impl Limiter {
     }
 
     /// Whether another call may start while `in_flight` calls of the function run.
+    #[cfg(test)]
     pub(crate) fn admits(&self, in_flight: usize) -> bool {
         in_flight < self.limit
     }

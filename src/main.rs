@@ -45,16 +45,6 @@ fn main() -> ExitCode {
 
 /// SIGINT or SIGTERM drains; a second signal exits at once.
 fn run(config: Config) -> Result<(), Error> {
-    // Function mode's pieces (per-function consumers, the limiter, its metrics) exist, but the
-    // supervisor does not schedule them yet: refuse rather than run static mode under its
-    // name. Removed when the function-mode scheduler is wired in (issue 14).
-    if config.function_mode() {
-        return Err(Error::Usage(
-            "scaling_mode=function: the function-mode scheduler is not part of this build yet \
-             (set scaling_mode=static)"
-                .into(),
-        ));
-    }
     let (tx, rx) = crossbeam_channel::bounded(1);
     let signals = AtomicUsize::new(0);
     ctrlc::set_handler(move || {

@@ -1,10 +1,10 @@
-//! The monitor thread, which re-creates a lost stream or consumer, and the reader of the queue
-//! gauges at scrape time.
+//! The monitor thread, which re-creates a lost stream or consumer (or, in function mode, runs
+//! the scheduler's discovery), and the reader of the queue gauges at scrape time.
 
 use std::io;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
@@ -12,22 +12,42 @@ use crate::broker::{Broker, QueueSpec};
 use crate::endpoint::Health;
 use crate::error::error_chain;
 use crate::metrics;
+use crate::scheduler::{Scheduler, DISCOVER_EVERY};
 
 /// How often the monitor checks that the stream and consumer still exist.
 const MONITOR_EVERY: Duration = Duration::from_secs(5);
 
 /// Starts the monitor thread; it ends when `stop` receives.
+/// In function mode it runs the scheduler's discovery instead, a few times a second.
 pub(crate) fn spawn(
     broker: &Arc<Broker>,
     spec: &QueueSpec,
     health: &Arc<Health>,
+    scheduler: Option<Arc<Scheduler>>,
     stop: Receiver<()>,
 ) -> io::Result<JoinHandle<()>> {
     let (broker, health, spec) = (broker.clone(), health.clone(), spec.clone());
     thread::Builder::new()
         .name("monitor".into())
         .stack_size(256 * 1024)
-        .spawn(move || run(&broker, &spec, &health, &stop))
+        .spawn(move || match scheduler {
+            Some(scheduler) => discover(&scheduler, &health, &stop),
+            None => run(&broker, &spec, &health, &stop),
+        })
+}
+
+/// Function mode: finds the functions with work, at once and then every
+/// [`DISCOVER_EVERY`].
+fn discover(scheduler: &Scheduler, health: &Health, stop: &Receiver<()>) {
+    loop {
+        if health.connected() {
+            scheduler.discover(Instant::now());
+        }
+        crossbeam_channel::select! {
+            recv(stop) -> _ => return,
+            default(DISCOVER_EVERY) => {}
+        }
+    }
 }
 
 /// Reads the queue gauges for a scrape: from the server while connected, else nothing (the

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::broker::{self, Broker, BrokerError, ConnectionEvents, QueueSpec};
+use crate::broker::{self, Broker, BrokerError, ConnectionEvents, FunctionSpec, QueueSpec};
 use crate::config::{self, Config};
 use crate::endpoint::{self, Health};
 use crate::error::{error_chain, Error};
 use crate::metrics::Metrics;
+use crate::scheduler::Scheduler;
 use crate::timer::Timer;
 use crate::{invoke, monitor, url, worker};
 
@@ -82,11 +83,31 @@ fn connect_work_drain(
     );
 
     let mut spec = QueueSpec::from(config);
-    let provisioned = broker.provision(&spec)?;
-    spec.stream = provisioned.stream.clone();
-    for warning in &provisioned.warnings {
-        log::warn!("{warning}");
-    }
+    let (ack_wait, scheduler) = if config.function_mode() {
+        // No queue-wide consumer: one per function, made when it has work.
+        let (stream, warnings) = broker.provision_stream(&spec)?;
+        spec.stream = stream.name;
+        for warning in &warnings {
+            log::warn!("{warning}");
+        }
+        let fspec = FunctionSpec {
+            queue: spec.clone(),
+            inactive_threshold: config.consumer_inactive_threshold,
+        };
+        for removed in broker.prepare_function_mode(&fspec)?.removed {
+            log::info!("removed the idle consumer {removed} of static mode (its messages stay in the stream)");
+        }
+        let ack_wait = fspec.lease_ack_wait();
+        let scheduler = Scheduler::new(broker.clone(), fspec, config, metrics.clone());
+        (ack_wait, Some(Arc::new(scheduler)))
+    } else {
+        let provisioned = broker.provision(&spec)?;
+        spec.stream = provisioned.stream.clone();
+        for warning in &provisioned.warnings {
+            log::warn!("{warning}");
+        }
+        (provisioned.ack_wait, None)
+    };
     if let Some(subject) = &config.dead_letter_subject {
         provision_dead_letters(&broker, subject, &spec)?;
     }
@@ -95,7 +116,10 @@ fn connect_work_drain(
 
     // Everything that can fail is made before the first worker thread starts.
     let pullers = (0..config.max_inflight.get())
-        .map(|_| broker.puller(&spec))
+        .map(|_| match scheduler {
+            Some(_) => broker.function_puller(&spec),
+            None => broker.puller(&spec),
+        })
         .collect::<Result<Vec<_>, _>>();
     let pullers = match pullers {
         Ok(p) => p,
@@ -104,7 +128,7 @@ fn connect_work_drain(
             return Err(e.into());
         }
     };
-    let (timer, timer_handle) = match Timer::spawn(provisioned.ack_wait) {
+    let (timer, timer_handle) = match Timer::spawn(ack_wait) {
         Ok(t) => t,
         Err(e) => {
             broker.shutdown(FINAL_FLUSH);
@@ -119,6 +143,7 @@ fn connect_work_drain(
         broker: broker.clone(),
         stop: stop.clone(),
         config: config.clone(),
+        scheduler: scheduler.clone(),
     });
     let mut workers = Vec::with_capacity(pullers.len());
     for (i, puller) in pullers.into_iter().enumerate() {
@@ -142,7 +167,7 @@ fn connect_work_drain(
         workers.extend(spawned.ok());
     }
     let (monitor_stop_tx, monitor_stop_rx) = crossbeam_channel::bounded::<()>(1);
-    let spawned = monitor::spawn(&broker, &spec, health, monitor_stop_rx);
+    let spawned = monitor::spawn(&broker, &spec, health, scheduler, monitor_stop_rx);
     let monitor = match spawned {
         Ok(m) => m,
         Err(e) => {

@@ -22,6 +22,8 @@ pub(crate) struct Context {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) broker: Arc<Broker>,
     pub(crate) stop: Arc<AtomicBool>,
+    /// Function mode's per-function limits; `None` in static mode.
+    pub(crate) scheduler: Option<Arc<crate::scheduler::Scheduler>>,
 }
 
 /// The loop of one worker thread; returns when stopped or when the connection is closed.
@@ -72,6 +74,8 @@ struct Job<'a> {
     max_attempts: u32,
     stream_seq: u64,
     lease: LeaseId,
+    /// The stream subject: in function mode, whose limit the call counts against.
+    subject: &'a str,
 }
 
 impl Job<'_> {
@@ -90,10 +94,11 @@ impl Worker<'_> {
             ack,
             stream_seq,
             delivered,
+            subject,
         } = delivery;
         let lease = self.context.timer.hold(ack);
         let handled = panic::catch_unwind(AssertUnwindSafe(|| {
-            self.handle(puller, data, lease, stream_seq, delivered)
+            self.handle(puller, data, lease, stream_seq, delivered, &subject)
         }));
         if let Err(payload) = handled {
             let what = payload
@@ -124,6 +129,7 @@ impl Worker<'_> {
         lease: LeaseId,
         stream_seq: u64,
         delivered: u32,
+        subject: &str,
     ) {
         let cx = self.context;
         if delivered > 1 {
@@ -154,6 +160,7 @@ impl Worker<'_> {
             max_attempts: policy.max_attempts(),
             stream_seq,
             lease,
+            subject,
         };
         let result = if policy.attempts_left(job.attempt) {
             self.call(&job)
@@ -194,8 +201,12 @@ impl Worker<'_> {
         }
         let inflight = InflightGuard(cx.metrics.inflight(job.label));
         inflight.0.inc();
+        let running = cx.scheduler.as_ref().and_then(|s| s.started(job.subject));
         let result = self.invoker.invoke(job.req);
         drop(inflight);
+        if let (Some(scheduler), Some(running)) = (&cx.scheduler, running) {
+            scheduler.finished(running, &result);
+        }
         // From here a shutdown must not hand it back: the call would run twice.
         cx.timer.returned(job.lease);
         result

@@ -599,18 +599,8 @@ fn static_mode_exports_pending_messages_per_function() {
     worker.wait_metric(&series("b.ns"), SECS(15), |v| v == 0.0);
 }
 
-/// Until the scheduler is wired in, the worker refuses function mode rather than run static mode
-/// under its name (`status` and the settings work). Remove with the guard in src/main.rs.
-#[test]
-fn this_build_refuses_to_run_function_mode() {
-    let out = run_cli(&[], &[("scaling_mode", "function")]);
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("scaling_mode=function"), "{stderr}");
-}
-
 // ---------------------------------------------------------------------------------------------
-// The worker in function mode: these need the scheduler (issue 14) and are ignored until then.
+// The worker in function mode.
 
 fn function_worker(nats: &NatsServer, function: &FunctionServer, env: &[(&str, &str)]) -> Worker {
     let mut all = vec![("scaling_mode", "function")];
@@ -619,7 +609,6 @@ fn function_worker(nats: &NatsServer, function: &FunctionServer, env: &[(&str, &
 }
 
 #[test]
-#[ignore = "needs the function-mode scheduler"]
 fn per_function_consumers_appear_on_demand_and_vanish_after_the_inactive_threshold() {
     let nats = NatsServer::start();
     let function = FunctionServer::ok();
@@ -643,7 +632,6 @@ fn per_function_consumers_appear_on_demand_and_vanish_after_the_inactive_thresho
 }
 
 #[test]
-#[ignore = "needs the function-mode scheduler"]
 fn a_burst_for_one_function_does_not_delay_another_beyond_a_bound() {
     let nats = NatsServer::start();
     let function = FunctionServer::from_fn(|seen| {
@@ -657,6 +645,7 @@ fn a_burst_for_one_function_does_not_delay_another_beyond_a_bound() {
     let nc = connect(&nats.url());
     publish_to(&nc, Some("slow"), 400); // 5 s of work for 4 threads
     wait_until(SECS(10), "the burst to start", || function.count() > 0);
+    let queued = std::time::Instant::now();
     publish_to(&nc, Some("fast"), 1);
     let is_fast = |s: &Seen| s.path().starts_with("/function/fast");
     wait_until(SECS(30), "fast's call", || {
@@ -668,16 +657,20 @@ fn a_burst_for_one_function_does_not_delay_another_beyond_a_bound() {
     let fast_at = seen.iter().find(|s| is_fast(s)).unwrap().at;
     let slow_before = seen
         .iter()
-        .filter(|s| !is_fast(s) && s.at < fast_at)
+        .filter(|s| !is_fast(s) && s.at >= queued && s.at < fast_at)
         .count();
+    let left = 400
+        - seen
+            .iter()
+            .filter(|s| !is_fast(s) && s.at < fast_at)
+            .count();
     assert!(
-        slow_before < 100,
-        "{slow_before} slow calls ran before fast's"
+        slow_before < 100 && left > 100,
+        "{slow_before} slow calls ran between fast's publish and its call ({left} of slow's left)"
     );
 }
 
 #[test]
-#[ignore = "needs the function-mode scheduler"]
 fn two_processes_in_function_mode_run_every_message_once() {
     let nats = NatsServer::start();
     let function = FunctionServer::ok();
@@ -706,7 +699,6 @@ fn two_processes_in_function_mode_run_every_message_once() {
 }
 
 #[test]
-#[ignore = "needs the function-mode scheduler"]
 fn the_limiter_converges_under_a_429_limited_function() {
     let nats = NatsServer::start();
     let capacity = 4;
@@ -752,7 +744,6 @@ fn the_limiter_converges_under_a_429_limited_function() {
 }
 
 #[test]
-#[ignore = "needs the function-mode scheduler"]
 fn a_restart_in_function_mode_picks_up_the_existing_consumers() {
     let nats = NatsServer::start();
     let function = FunctionServer::ok();

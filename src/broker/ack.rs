@@ -17,6 +17,8 @@ pub(crate) struct Delivery {
     pub stream_seq: u64,
     /// How many times the server has delivered it, this time included.
     pub delivered: u32,
+    /// The stream subject it was published to (`Q.<function>`, or `Q`).
+    pub subject: String,
 }
 
 /// Which of the pool's consumers a delivery came from.
@@ -26,6 +28,7 @@ pub(super) struct TargetKey(pub(super) usize);
 impl Delivery {
     pub(super) fn new(mut msg: nats::Message, ledger: &Arc<AckLedger>) -> Delivery {
         let data = std::mem::take(&mut msg.data);
+        let subject = std::mem::take(&mut msg.subject);
         let (stream_seq, delivered) = msg
             .reply
             .as_deref()
@@ -36,6 +39,7 @@ impl Delivery {
             ack: AckHandle(msg, ledger.clone()),
             stream_seq,
             delivered,
+            subject,
         }
     }
 }

@@ -72,7 +72,9 @@ use crate::config::{NatsAuth, NatsTls};
 pub use ack::AckHandle;
 pub(crate) use ack::Delivery;
 pub(crate) use connect::valid_nkey_seed;
-pub(crate) use functions::{consumer_name, routable_function, FunctionSpec, Handover};
+pub(crate) use functions::{
+    consumer_name, function_of_subject, routable_function, FunctionSpec, Handover,
+};
 pub use functions::{FunctionBacklog, FunctionConsumer};
 pub(crate) use provision::{
     DeadLetterStream, Provisioned, QueueState, QueueStream, DEAD_LETTER_MAX_AGE,

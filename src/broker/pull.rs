@@ -98,12 +98,15 @@ struct Target {
     expires: Duration,
     /// No more requests; removed once nothing of it is asked for or running.
     retired: bool,
+    /// The server answered that the consumer does not exist (503): nothing is asked of it
+    /// until it is given again ([`Pullers::pull_from`]).
+    missing: bool,
 }
 
 impl Target {
     /// How many more of its messages may be asked for now.
     fn room(&self) -> usize {
-        if self.retired {
+        if self.retired || self.missing {
             return 0;
         }
         let busy = self.credit + self.running;
@@ -136,6 +139,8 @@ pub(crate) struct TargetState {
     pub asked: usize,
     pub pending: Option<u64>,
     pub limit: usize,
+    /// The server said the consumer does not exist.
+    pub missing: bool,
 }
 
 struct Shared {
@@ -243,6 +248,7 @@ impl Pullers {
                             limit: usize::MAX,
                             expires: PULL_EXPIRES,
                             retired: false,
+                            missing: false,
                         })]
                     } else {
                         Vec::new()
@@ -309,6 +315,10 @@ impl Pullers {
                 t.limit = limits.limit.max(1);
                 t.expires = limits.expires;
                 t.retired = false;
+                if pending.is_some() {
+                    // Given with fresh counts: made sure of again.
+                    t.missing = false;
+                }
                 if let Some(p) = pending {
                     // What is running or asked for is in the stream's count too.
                     t.pending = Some(p.saturating_sub((t.running + t.credit) as u64));
@@ -324,6 +334,7 @@ impl Pullers {
                     limit: limits.limit.max(1),
                     expires: limits.expires,
                     retired: false,
+                    missing: false,
                 };
                 match st.targets.iter().position(Option::is_none) {
                     Some(free) => st.targets[free] = Some(target),
@@ -366,6 +377,7 @@ impl Pullers {
                 asked: t.credit,
                 pending: t.pending,
                 limit: t.limit,
+                missing: t.missing,
             })
             .collect()
     }
@@ -578,6 +590,26 @@ impl Shared {
             }
             // Heartbeats are not asked for.
             "100" => {}
+            // No responders: a function's consumer is gone (the server removed it when it was
+            // idle). Its requests are given back and it is not asked again until the
+            // scheduler has made it anew; the other targets go on.
+            "503"
+                if st
+                    .targets
+                    .get(key)
+                    .is_some_and(|t| t.as_ref().is_some_and(|t| t.pending.is_some())) =>
+            {
+                give_back(st, batch);
+                if let Some(Some(t)) = st.targets.get_mut(key) {
+                    if !t.missing {
+                        log::info!(
+                            "consumer {} is gone; it is made anew when it has work",
+                            t.consumer
+                        );
+                    }
+                    t.missing = true;
+                }
+            }
             _ => {
                 let description = header(nats::header::DESCRIPTION).unwrap_or_default();
                 let what = format!("{status} {description}");
@@ -874,6 +906,7 @@ mod tests {
             limit,
             expires: PULL_EXPIRES,
             retired: false,
+            missing: false,
         })
     }
 
