@@ -147,6 +147,46 @@ impl Scheduler {
             .map(|t| t.consumer)
             .collect();
         let threshold = self.spec.inactive_threshold;
+        // Consumers to make sure of, outside the lock: worker threads take it on every call.
+        let due: Vec<Option<String>> = functions
+            .iter()
+            .filter(|(key, entry)| {
+                counts.get(*key).copied().unwrap_or(0) > 0
+                    && (entry.consumer.as_ref().is_some_and(|c| missing.contains(c))
+                        // Again now and then: the server removes an idle one on its own.
+                        || entry.ensured.is_none_or(|t| now.duration_since(t) >= threshold / 2))
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        drop(functions);
+        let mut made = Vec::new();
+        let mut failed = false;
+        for key in due {
+            match self.broker.ensure_function_consumer(&self.spec, key.as_deref()) {
+                Ok(name) => made.push((key, name)),
+                Err(e) => {
+                    failed = true;
+                    self.warn_failing(format!(
+                        "making the consumer for {} failed: {}",
+                        key.as_deref().unwrap_or(&q.subject),
+                        error_chain(&e)
+                    ));
+                }
+            }
+        }
+        let mut functions = lock(&self.functions);
+        for (key, name) in made {
+            if let Some(entry) = functions.get_mut(&key) {
+                if entry.consumer.is_none() {
+                    log::info!(
+                        "pulling {} from consumer {name}",
+                        key.as_deref().map_or("the plain subject", |f| f)
+                    );
+                }
+                entry.consumer = Some(name);
+                entry.ensured = Some(now);
+            }
+        }
         let mut gone = Vec::new();
         for (key, entry) in functions.iter_mut() {
             let count = counts.get(key).copied().unwrap_or(0);
@@ -162,36 +202,6 @@ impl Scheduler {
                 continue;
             }
             entry.idle_since = None;
-            let lost = entry.consumer.as_ref().is_some_and(|c| missing.contains(c));
-            // Made sure of again now and then: the server removes an idle one on its own.
-            let stale = entry
-                .ensured
-                .is_none_or(|t| now.duration_since(t) >= threshold / 2);
-            if lost || stale {
-                match self
-                    .broker
-                    .ensure_function_consumer(&self.spec, key.as_deref())
-                {
-                    Ok(name) => {
-                        if entry.consumer.is_none() {
-                            log::info!(
-                                "pulling {} from consumer {name}",
-                                key.as_deref().map_or("the plain subject", |f| f)
-                            );
-                        }
-                        entry.consumer = Some(name);
-                        entry.ensured = Some(now);
-                    }
-                    Err(e) => {
-                        self.warn_failing(format!(
-                            "making the consumer for {} failed: {}",
-                            key.as_deref().unwrap_or(&q.subject),
-                            error_chain(&e)
-                        ));
-                        continue;
-                    }
-                }
-            }
             if let Some(consumer) = &entry.consumer {
                 self.broker
                     .pull_from(consumer, Self::limits(&entry.limiter), Some(count));
@@ -210,7 +220,10 @@ impl Scheduler {
             }
         }
         drop(functions);
-        lock(&self.warned).failing = None;
+        if !failed {
+            // Logged again if it comes back.
+            lock(&self.warned).failing = None;
+        }
     }
 
     fn warn_failing(&self, what: String) {

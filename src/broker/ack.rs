@@ -152,8 +152,7 @@ pub(super) struct Mark {
     disconnects: Option<u64>,
 }
 
-/// The body of an ack; [`Puller::ack_and_request_next`](super::Puller::ack_and_request_next)'s
-/// `+NXT` is sent again as this, never as another pull request.
+/// The body of an ack, as kept for a resend.
 pub(super) const ACK: &[u8] = b"+ACK";
 const TERM: &[u8] = b"+TERM";
 
