@@ -162,7 +162,10 @@ impl Scheduler {
         let mut made = Vec::new();
         let mut failed = false;
         for key in due {
-            match self.broker.ensure_function_consumer(&self.spec, key.as_deref()) {
+            match self
+                .broker
+                .ensure_function_consumer(&self.spec, key.as_deref())
+            {
                 Ok(name) => made.push((key, name)),
                 Err(e) => {
                     failed = true;
