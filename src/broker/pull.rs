@@ -82,6 +82,32 @@ struct State {
     expires: Duration,
 }
 
+impl State {
+    fn new(
+        inbox: Inbox,
+        sub: Option<nats::Subscription>,
+        generation: u64,
+        targets: Vec<Option<Target>>,
+    ) -> State {
+        State {
+            inbox,
+            sub,
+            generation,
+            renew: false,
+            stopped: false,
+            idle: 0,
+            credit: 0,
+            targets,
+            turn: 0,
+            quiet_after: None,
+            paused_until: None,
+            refused: None,
+            batch_cap: MAX_BATCH,
+            expires: PULL_EXPIRES,
+        }
+    }
+}
+
 /// One consumer the pool pulls from: the queue's durable (static mode), or a function's.
 struct Target {
     consumer: String,
@@ -104,6 +130,25 @@ struct Target {
 }
 
 impl Target {
+    fn new(
+        consumer: &str,
+        pull_prefix: &str,
+        limits: TargetLimits,
+        pending: Option<u64>,
+    ) -> Target {
+        Target {
+            consumer: consumer.to_string(),
+            pull_subject: format!("{pull_prefix}{consumer}"),
+            credit: 0,
+            running: 0,
+            pending,
+            limit: limits.limit.max(1),
+            expires: limits.expires,
+            retired: false,
+            missing: false,
+        }
+    }
+
     /// How many more of its messages may be asked for now.
     fn room(&self) -> usize {
         if self.retired || self.missing {
@@ -239,17 +284,11 @@ impl Pullers {
                     let (sub, inbox) = subscribe(nc, &self.prefix, 0)?;
                     let pull_prefix = format!("$JS.API.CONSUMER.MSG.NEXT.{}.", spec.stream);
                     let targets = if queue_consumer {
-                        vec![Some(Target {
-                            pull_subject: format!("{pull_prefix}{}", spec.durable),
-                            consumer: spec.durable.clone(),
-                            credit: 0,
-                            running: 0,
-                            pending: None,
+                        let limits = TargetLimits {
                             limit: usize::MAX,
                             expires: PULL_EXPIRES,
-                            retired: false,
-                            missing: false,
-                        })]
+                        };
+                        vec![Some(Target::new(&spec.durable, &pull_prefix, limits, None))]
                     } else {
                         Vec::new()
                     };
@@ -257,22 +296,7 @@ impl Pullers {
                         nc: nc.clone(),
                         prefix: self.prefix.clone(),
                         pull_prefix,
-                        state: Mutex::new(State {
-                            inbox,
-                            sub: Some(sub),
-                            generation,
-                            renew: false,
-                            stopped: false,
-                            idle: 0,
-                            credit: 0,
-                            targets,
-                            turn: 0,
-                            quiet_after: None,
-                            paused_until: None,
-                            refused: None,
-                            batch_cap: MAX_BATCH,
-                            expires: PULL_EXPIRES,
-                        }),
+                        state: Mutex::new(State::new(inbox, Some(sub), generation, targets)),
                         flush: self.flush.clone(),
                         ledger: self.ledger.clone(),
                         generation: self.generation.clone(),
@@ -325,17 +349,7 @@ impl Pullers {
                 }
             }
             None => {
-                let target = Target {
-                    pull_subject: format!("{}{consumer}", s.pull_prefix),
-                    consumer: consumer.to_string(),
-                    credit: 0,
-                    running: 0,
-                    pending,
-                    limit: limits.limit.max(1),
-                    expires: limits.expires,
-                    retired: false,
-                    missing: false,
-                };
+                let target = Target::new(consumer, &s.pull_prefix, limits, pending);
                 match st.targets.iter().position(Option::is_none) {
                     Some(free) => st.targets[free] = Some(target),
                     None => st.targets.push(Some(target)),
@@ -897,17 +911,13 @@ mod tests {
     use super::*;
 
     fn target(running: usize, credit: usize, pending: Option<u64>, limit: usize) -> Option<Target> {
-        Some(Target {
-            consumer: String::new(),
-            pull_subject: String::new(),
-            credit,
-            running,
-            pending,
+        let limits = TargetLimits {
             limit,
             expires: PULL_EXPIRES,
-            retired: false,
-            missing: false,
-        })
+        };
+        let mut t = Target::new("", "", limits, pending);
+        (t.credit, t.running) = (credit, running);
+        Some(t)
     }
 
     #[test]
@@ -959,22 +969,7 @@ mod tests {
     #[test]
     fn limits_learned_from_a_refusal() {
         let (_, rx) = crossbeam_channel::unbounded();
-        let mut st = State {
-            inbox: Inbox { n: 0, rx },
-            sub: None,
-            generation: 0,
-            renew: false,
-            stopped: false,
-            idle: 0,
-            credit: 0,
-            targets: Vec::new(),
-            turn: 0,
-            quiet_after: None,
-            paused_until: None,
-            refused: None,
-            batch_cap: MAX_BATCH,
-            expires: PULL_EXPIRES,
-        };
+        let mut st = State::new(Inbox { n: 0, rx }, None, 0, Vec::new());
         adapt_to_limit(&mut st, "Exceeded MaxRequestBatch of 10");
         assert_eq!(st.batch_cap, 10);
         adapt_to_limit(&mut st, "Exceeded MaxRequestExpires of 5s");
