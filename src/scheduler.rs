@@ -139,13 +139,7 @@ impl Scheduler {
                 },
             );
         }
-        let missing: Vec<String> = self
-            .broker
-            .pull_targets()
-            .into_iter()
-            .filter(|t| t.missing)
-            .map(|t| t.consumer)
-            .collect();
+        let missing = self.broker.missing_pull_targets();
         let threshold = self.spec.inactive_threshold;
         // Consumers to make sure of, outside the lock: worker threads take it on every call.
         let due: Vec<Option<String>> = functions

@@ -65,14 +65,7 @@ fn consumer_exists(nc: &nats::Connection, name: &str) -> bool {
 
 /// One message pulled from `consumer` (not acked): its ack subject.
 fn pull_one(nc: &nats::Connection, consumer: &str) -> String {
-    let inbox = nc.new_inbox();
-    let sub = nc.subscribe(&inbox).unwrap();
-    nc.publish_request(
-        &format!("$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{consumer}"),
-        &inbox,
-        r#"{"batch":1,"expires":5000000000}"#,
-    )
-    .unwrap();
+    let sub = pull_request(nc, STREAM, consumer, SECS(5));
     let msg = sub
         .next_timeout(SECS(6))
         .unwrap_or_else(|e| panic!("no message from {consumer}: {e}"));
@@ -87,15 +80,7 @@ fn pull_one(nc: &nats::Connection, consumer: &str) -> String {
 
 /// A pull request that waits at the server (up to 30 s), as an idle worker thread keeps one.
 fn waiting_pull(nc: &nats::Connection, consumer: &str) -> nats::Subscription {
-    let inbox = nc.new_inbox();
-    let sub = nc.subscribe(&inbox).unwrap();
-    nc.publish_request(
-        &format!("$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{consumer}"),
-        &inbox,
-        r#"{"batch":1,"expires":30000000000}"#,
-    )
-    .unwrap();
-    nc.flush().unwrap();
+    let sub = pull_request(nc, STREAM, consumer, SECS(30));
     wait_until(SECS(5), "the pull to wait at the server", || {
         consumer_info(nc, STREAM, consumer).num_waiting > 0
     });

@@ -405,16 +405,7 @@ fn a_refused_pull_is_logged_once_while_it_repeats() {
     }
     // Another client's pull request takes the one waiting place, for a minute.
     let holder = connect(&nats.url());
-    let inbox = holder.new_inbox();
-    let held = holder.subscribe(&inbox).unwrap();
-    holder
-        .publish_request(
-            &format!("$JS.API.CONSUMER.MSG.NEXT.{STREAM}.faas-workers"),
-            &inbox,
-            br#"{"batch":1,"expires":60000000000}"#,
-        )
-        .unwrap();
-    holder.flush().unwrap();
+    let held = pull_request(&holder, STREAM, "faas-workers", SECS(60));
     let function = FunctionServer::ok();
     let worker = Worker::start_ready(nats.url(), function.url(), &[("max_inflight", "3")]);
     // The worker's requests are refused, and asked again every second: several rounds of it.

@@ -282,14 +282,7 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
             Route::Count => {
                 let n = shared.count.load(Ordering::Relaxed);
                 let body = n.to_string();
-                write!(
-                    writer,
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n",
-                    body.len()
-                )?;
-                writer.write_all(conn_hdr)?;
-                writer.write_all(b"\r\n")?;
-                writer.write_all(body.as_bytes())?;
+                answer(&mut writer, "text/plain", conn_hdr, &body)?;
             }
             Route::Stats => {
                 let n = shared.count.load(Ordering::Relaxed);
@@ -307,14 +300,7 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
                     shared.rejected.load(Ordering::Relaxed),
                     shared.max_active.load(Ordering::Relaxed)
                 );
-                write!(
-                    writer,
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-                    body.len()
-                )?;
-                writer.write_all(conn_hdr)?;
-                writer.write_all(b"\r\n")?;
-                writer.write_all(body.as_bytes())?;
+                answer(&mut writer, "application/json", conn_hdr, &body)?;
             }
             Route::Log => {
                 let mut body = String::new();
@@ -328,14 +314,7 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
                         }
                     }
                 }
-                write!(
-                    writer,
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n",
-                    body.len()
-                )?;
-                writer.write_all(conn_hdr)?;
-                writer.write_all(b"\r\n")?;
-                writer.write_all(body.as_bytes())?;
+                answer(&mut writer, "text/plain", conn_hdr, &body)?;
             }
             Route::Reset => {
                 shared.count.store(0, Ordering::Relaxed);
@@ -527,4 +506,22 @@ fn parse_u64(s: &[u8]) -> Option<u64> {
 fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len())
         .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
+/// A 200 answer with `body`, of `content_type`, keeping or closing the connection as `conn_hdr`
+/// says.
+fn answer(
+    writer: &mut impl Write,
+    content_type: &str,
+    conn_hdr: &[u8],
+    body: &str,
+) -> std::io::Result<()> {
+    write!(
+        writer,
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n",
+        body.len()
+    )?;
+    writer.write_all(conn_hdr)?;
+    writer.write_all(b"\r\n")?;
+    writer.write_all(body.as_bytes())
 }

@@ -82,7 +82,7 @@ pub(crate) use provision::{
 pub(crate) use publish::OutMessage;
 pub(crate) use publish::{header_value_lossy, valid_msg_id};
 pub use pull::Puller;
-pub(crate) use pull::{TargetLimits, TargetState};
+pub(crate) use pull::TargetLimits;
 
 /// How long [`Broker::shutdown`] waits for the client's close before leaving it behind.
 const CLOSE_WAIT: Duration = Duration::from_millis(500);
@@ -367,9 +367,9 @@ impl Broker {
         self.pullers.stop_pulling_from(consumer);
     }
 
-    /// The consumers the pool pulls from, with what runs and what is asked for.
-    pub(crate) fn pull_targets(&self) -> Vec<TargetState> {
-        self.pullers.targets()
+    /// The consumers the pool pulls from that the server said do not exist (503).
+    pub(crate) fn missing_pull_targets(&self) -> Vec<String> {
+        self.pullers.missing()
     }
 
     /// Pull requests the server refused so far (409 and other statuses that end a request).

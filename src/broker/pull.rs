@@ -176,18 +176,6 @@ pub(crate) struct TargetLimits {
     pub expires: Duration,
 }
 
-/// A target as the pool sees it now (for `status` and metrics).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct TargetState {
-    pub consumer: String,
-    pub running: usize,
-    pub asked: usize,
-    pub pending: Option<u64>,
-    pub limit: usize,
-    /// The server said the consumer does not exist.
-    pub missing: bool,
-}
-
 struct Shared {
     nc: nats::Connection,
     /// `_INBOX.<nuid>`: the pool's inboxes are `<prefix>.<n>.*.*`.
@@ -376,8 +364,8 @@ impl Pullers {
         }
     }
 
-    /// Every target as the pool sees it now.
-    pub(super) fn targets(&self) -> Vec<TargetState> {
+    /// The consumers the server said do not exist (503), until they are given again.
+    pub(super) fn missing(&self) -> Vec<String> {
         let Some(s) = self.shared() else {
             return Vec::new();
         };
@@ -385,14 +373,8 @@ impl Pullers {
         st.targets
             .iter()
             .flatten()
-            .map(|t| TargetState {
-                consumer: t.consumer.clone(),
-                running: t.running,
-                asked: t.credit,
-                pending: t.pending,
-                limit: t.limit,
-                missing: t.missing,
-            })
+            .filter(|t| t.missing)
+            .map(|t| t.consumer.clone())
             .collect()
     }
 
@@ -762,9 +744,7 @@ impl Puller {
             if st.inbox.n != inbox.n {
                 // Asked for on an inbox given up: its thread's credit is gone.
                 drop(st);
-                if status_of(&msg).is_none() {
-                    hand_back_unrequested(&msg, &sh.ledger);
-                }
+                hand_back_unrequested(&msg, &sh.ledger);
                 continue;
             }
             if let Some(status) = status_of(&msg) {
@@ -869,14 +849,21 @@ fn attribute(st: &mut State, msg: &nats::Message) -> Option<usize> {
     if st.credit == 0 {
         return None;
     }
-    let info = msg.reply.as_deref().and_then(parse_ack_subject);
-    let key = if st.targets.len() == 1 {
-        0
+    // Static mode's one target, whose backlog is not followed, needs nothing of the subject.
+    let single =
+        st.targets.len() == 1 && st.targets[0].as_ref().is_some_and(|t| t.pending.is_none());
+    let info = if single {
+        None
     } else {
-        let consumer = info.as_ref()?.consumer;
-        st.targets
+        msg.reply.as_deref().and_then(parse_ack_subject)
+    };
+    let key = match &info {
+        _ if st.targets.len() == 1 => 0,
+        Some(info) => st
+            .targets
             .iter()
-            .position(|t| t.as_ref().is_some_and(|t| t.consumer == consumer))?
+            .position(|t| t.as_ref().is_some_and(|t| t.consumer == info.consumer))?,
+        None => return None,
     };
     let t = st.targets[key].as_mut()?;
     if t.credit == 0 {

@@ -85,3 +85,26 @@ pub fn consumer_info(
         .consumer_info(stream, durable)
         .unwrap_or_else(|e| panic!("consumer info of {stream:?}/{durable:?}: {e}"))
 }
+
+/// A pull request for one message of `consumer` on `stream`, waiting at the server up to
+/// `expires`, flushed; its answer (the message, or a status) comes on the returned
+/// subscription.
+#[allow(dead_code)] // shared: not every test file uses it
+pub fn pull_request(
+    nc: &::nats::Connection,
+    stream: &str,
+    consumer: &str,
+    expires: std::time::Duration,
+) -> ::nats::Subscription {
+    let inbox = nc.new_inbox();
+    let sub = nc.subscribe(&inbox).expect("subscribing a pull inbox");
+    let body = format!(r#"{{"batch":1,"expires":{}}}"#, expires.as_nanos());
+    nc.publish_request(
+        &format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"),
+        &inbox,
+        body,
+    )
+    .expect("publishing a pull request");
+    nc.flush().expect("flushing a pull request");
+    sub
+}
