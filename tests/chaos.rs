@@ -614,9 +614,16 @@ fn c05_worker_sigkill_restart() {
 
 /// The worker talks to nats-server through a TCP proxy that cuts every client connection five
 /// times while the backlog is worked off (a load balancer's idle reset, a NAT timeout). Nothing
-/// failed but the connection, so no call may run twice, and the consumer never holds more
-/// unacknowledged messages than there are worker threads. One call in 50 takes longer than
-/// ack_wait, so a delivery left waiting without a lease would be redelivered meanwhile.
+/// failed but the connection, so no call may run twice. The proxy reads every delivery it
+/// forwards and every answer (ack, hand-back, termination) the worker sends: the worker never
+/// holds more messages than it has threads, and no message it was given is delivered again
+/// (a delivery it dropped, or an ack that never arrived). The server's `num_ack_pending` stays
+/// within `max_inflight` but for what a cut loses on the wire: deliveries the server sent that
+/// never came through the proxy (no client can see them; they come again after ack_wait), and
+/// acks the worker sent that never reached the server (it sends them again after the
+/// reconnect; its thread had moved on to the next message meanwhile). One
+/// call in 50 takes longer than ack_wait, so a delivery left waiting without a lease would be
+/// redelivered meanwhile.
 #[test]
 #[ignore = "chaos suite: run scripts/chaos.sh"]
 fn c06_client_connections_cut() {
@@ -624,7 +631,10 @@ fn c06_client_connections_cut() {
     scenario("client connections cut x5 (server up)", |run| {
         let n = messages();
         run.max_duplicates = Some(0);
-        run.bounds.push(format!("ack_pending <= {MAX_INFLIGHT}"));
+        run.bounds.push(format!(
+            "held by the worker <= {MAX_INFLIGHT}, nothing it had delivered again, \
+             ack_pending <= {MAX_INFLIGHT} + lost at the cuts"
+        ));
         let nats = NatsServer::start();
         let proxy = TcpProxy::to_nats(&nats.url());
         let tally = run.tally.clone();
@@ -644,8 +654,9 @@ fn c06_client_connections_cut() {
             };
             Reply::ok("done").with_delay(Duration::from_millis(delay))
         });
-        let env = worker_env("2s");
+        let mut env = worker_env("2s");
         run.publish(&nats.url(), n, &env);
+        env.push(("debug", "true".into()));
         let mut sampler = AckPendingSampler::start(&nats);
         let worker = start_worker(&proxy.url(), &function.url(), &env);
         for k in 1..=CUTS {
@@ -657,8 +668,24 @@ fn c06_client_connections_cut() {
             }
         }
         run.wait_settled(&nats.url(), SETTLE_DEADLINE, || alive(&worker));
-        let worst = sampler.stop();
-        run.note(format!("max ack_pending seen {worst}"));
+        let seen = sampler.stop();
+        let through = proxy.deliveries();
+        let lost_on_wire = seen.sent.saturating_sub(through.forwarded);
+        run.note(format!(
+            "held by the worker at most {} (delivered through the proxy, not yet acked or \
+             handed back); {} delivery(ies) of a message it already had; the server's \
+             ack_pending at most {}; lost at the cuts: {} of {} deliveries (sent by the server, \
+             never through the proxy: redelivered after ack_wait) and {} acks or hand-backs \
+             (sent by the worker, never reached the server: sent again after the reconnect); \
+             {} hand-back(s)",
+            through.max_held,
+            through.again_unasked,
+            seen.worst,
+            lost_on_wire,
+            seen.sent,
+            through.answers_lost,
+            through.naks
+        ));
         let slow = slow_ids.lock().unwrap();
         let repeated: Vec<&String> = run
             .expected
@@ -676,16 +703,46 @@ fn c06_client_connections_cut() {
             ));
         }
 
-        if worst > MAX_INFLIGHT as u64 {
-            run.fail(format!("ack_pending reached {worst}"));
+        if through.max_held > MAX_INFLIGHT as u64 {
+            run.fail(format!("the worker held {} messages", through.max_held));
+        }
+        if through.again_unasked > 0 {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/chaos/cut-worker.log");
+            let _ = std::fs::write(&path, worker.logs());
+            let trail: Vec<String> = through
+                .trail
+                .iter()
+                .filter(|(_, _, seq, _)| through.again_seqs.contains(seq))
+                .map(|(t, conn, seq, dc)| {
+                    let ms = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+                    format!("seq {seq} delivery {dc} on connection {conn} at {ms} ms")
+                })
+                .collect();
+            run.fail(format!(
+                "message(s) the worker had were delivered again: {}",
+                trail.join(", ")
+            ));
+        }
+        if seen.worst > MAX_INFLIGHT as u64 + lost_on_wire + through.answers_lost {
+            run.fail(format!("ack_pending reached {}", seen.worst));
         }
     });
 }
 
-/// Samples the consumer's `num_ack_pending` from /jsz every 50 ms on a thread of its own.
+/// Samples the consumer's `num_ack_pending` and `delivered.consumer_seq` (deliveries sent, every
+/// redelivery included) from /jsz every 50 ms on a thread of its own.
 struct AckPendingSampler {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<u64>>,
+    thread: Option<std::thread::JoinHandle<Sampled>>,
+}
+
+/// What the sampler saw.
+#[derive(Debug, Default, Clone, Copy)]
+struct Sampled {
+    /// The largest `num_ack_pending`.
+    worst: u64,
+    /// Deliveries sent, at the last sample.
+    sent: u64,
 }
 
 impl AckPendingSampler {
@@ -694,24 +751,26 @@ impl AckPendingSampler {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
-            let mut worst = 0;
+            let mut seen = Sampled::default();
             while !flag.load(Ordering::SeqCst) {
                 if let Ok((200, body)) = http_get(&url) {
                     let v: Value = serde_json::from_str(&body).unwrap_or_default();
-                    let found = v["account_details"]
+                    let consumer = v["account_details"]
                         .as_array()
                         .into_iter()
                         .flatten()
                         .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
                         .flat_map(|s| s["consumer_detail"].as_array().into_iter().flatten())
-                        .filter(|c| c["name"] == DURABLE)
-                        .filter_map(|c| c["num_ack_pending"].as_u64())
-                        .max();
-                    worst = worst.max(found.unwrap_or(0));
+                        .find(|c| c["name"] == DURABLE);
+                    if let Some(c) = consumer {
+                        let pending = c["num_ack_pending"].as_u64().unwrap_or(0);
+                        seen.worst = seen.worst.max(pending);
+                        seen.sent = c["delivered"]["consumer_seq"].as_u64().unwrap_or(0);
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            worst
+            seen
         });
         AckPendingSampler {
             stop,
@@ -719,12 +778,15 @@ impl AckPendingSampler {
         }
     }
 
-    /// Stops sampling; the largest value seen.
-    fn stop(&mut self) -> u64 {
+    /// Stops sampling; what it saw.
+    fn stop(&mut self) -> Sampled {
         self.stop.store(true, Ordering::SeqCst);
-        self.thread
-            .take()
-            .map_or(0, |t| t.join().unwrap_or(u64::MAX))
+        self.thread.take().map_or_else(Sampled::default, |t| {
+            t.join().unwrap_or(Sampled {
+                worst: u64::MAX,
+                sent: 0,
+            })
+        })
     }
 }
 

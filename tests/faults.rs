@@ -237,6 +237,78 @@ fn a_cut_client_connection_leaves_no_extra_pulls_and_runs_nothing_twice() {
     );
 }
 
+/// Cuts under load: the pool must leave the dying connection's inbox before the client
+/// reconnects. Otherwise the client subscribes it again, the server serves the dead
+/// connection's pull requests to the new one, and the client drops those deliveries once the
+/// pool unsubscribes the old inbox: each comes back only after its ack wait. The proxy reads
+/// every delivery and answer, so it also sees whether the worker ever held more messages than
+/// it has threads.
+#[test]
+fn cuts_under_load_deliver_every_message_once_and_never_beyond_the_threads() {
+    const N: usize = 400;
+    let nats = NatsServer::start();
+    let proxy = TcpProxy::to_nats(&nats.url());
+    let function = FunctionServer::echo_with_delay(Duration::from_millis(2));
+    // A backlog first, so that the threads' pull requests are always served at once: a
+    // worker started and stopped makes the stream.
+    let env = [("max_inflight", "4"), ("ack_wait", "3s")];
+    let provisioner = Worker::start_ready(nats.url(), function.url(), &env);
+    provisioner.signal("TERM");
+    provisioner.wait_exit(SECS(10));
+    let ids = publish_batch(&nats.url(), N);
+    let worker = Worker::start_ready(proxy.url(), function.url(), &env);
+    for (round, at) in [N / 4, N / 2, 3 * N / 4].into_iter().enumerate() {
+        wait_until(SECS(30), "calls under way", || function.answered() >= at);
+        assert!(proxy.cut() > 0, "cut {}: no connection to cut", round + 1);
+        worker.wait_metric("queue_worker_nats_reconnect_total", SECS(15), |v| {
+            v > round as f64
+        });
+    }
+    // A dropped delivery comes back after the 3 s ack wait: the counts below tell.
+    let start = std::time::Instant::now();
+    while !(function.answered() >= N && matches!(waiting_and_ack_pending(&nats), Some((_, 0)))) {
+        if start.elapsed() > SECS(30) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sent = nats
+        .jsz_consumer(STREAM, "faas-workers")
+        .and_then(|c| c["delivered"]["consumer_seq"].as_u64())
+        .unwrap_or(0);
+    let through = proxy.deliveries();
+    // Deliveries lost on the wire at a cut come again after the ack wait: the server sent
+    // them, the worker never had them. Nothing the worker had may come again.
+    eprintln!(
+        "deliveries sent {sent}; through the proxy {} (again: {}), lost on the wire {}, \
+         most held {}, hand-backs {}",
+        through.forwarded,
+        through.again_unasked,
+        sent.saturating_sub(through.forwarded),
+        through.max_held,
+        through.naks
+    );
+    assert_eq!(
+        through.again_unasked,
+        0,
+        "a message the worker had been given was delivered again: it dropped a delivery, or \
+         an ack never arrived\n{}",
+        worker.log_tail()
+    );
+    assert!(
+        through.max_held <= 4,
+        "the worker held {} messages",
+        through.max_held
+    );
+    let seen: BTreeSet<String> = function
+        .requests()
+        .iter()
+        .filter_map(|s| s.header("X-Call-Id").map(String::from))
+        .collect();
+    assert_eq!(seen, ids);
+    assert_eq!(function.answered(), N, "some call ran twice");
+}
+
 #[test]
 fn drain_does_not_hand_back_a_call_whose_function_returned() {
     let nats = NatsServer::start();

@@ -132,8 +132,8 @@ pub(super) struct AckLedger {
     confirmed: AtomicU64,
     /// An ack could not even be written: its message is redelivered.
     failed: AtomicBool,
-    /// Final acks not confirmed yet: (their count in `written`, ack subject, body).
-    unconfirmed: Mutex<VecDeque<(u64, String, &'static [u8])>>,
+    /// Final acks not confirmed yet, oldest first.
+    unconfirmed: Mutex<VecDeque<Kept>>,
     /// Set by a reconnect: the flusher sends `unconfirmed` again before its next flush.
     resend: AtomicBool,
     /// Disconnects and reconnects seen so far. On a reconnect the client completes the flushes
@@ -150,6 +150,18 @@ pub(super) struct Mark {
     /// The disconnects seen at the mark; `None` while disconnected (a PING written now is only
     /// buffered, and its "PONG" comes from the reconnect, not from the server).
     disconnects: Option<u64>,
+}
+
+/// A final ack kept until a flush confirms it.
+struct Kept {
+    /// Its count in `written` ([`NOT_WRITTEN`] if it could not be written).
+    n: u64,
+    /// The connection it was written on: the disconnects seen when it was written, `None` if
+    /// written while disconnected. Only a flush on that same connection confirms it: one on a
+    /// later connection proves nothing of bytes the old socket may have dropped.
+    connection: Option<u64>,
+    subject: String,
+    body: &'static [u8],
 }
 
 /// The body of an ack, as kept for a resend.
@@ -197,7 +209,12 @@ impl AckLedger {
         if kept.len() == UNCONFIRMED_KEPT {
             kept.pop_front();
         }
-        kept.push_back((n, subject.to_string(), body));
+        kept.push_back(Kept {
+            n,
+            connection: self.connection(),
+            subject: subject.to_string(),
+            body,
+        });
         result
     }
 
@@ -223,20 +240,25 @@ impl AckLedger {
             return;
         }
         log::info!("sending {} ack(s) again after the reconnect", again.len());
-        for (_, subject, body) in again {
+        for Kept { subject, body, .. } in again {
             let sent = nc.publish(&subject, body);
             // Kept again, under a new count if written (and so confirmed by the next flush).
             let _ = self.record_final(Some(&subject), body, sent);
         }
     }
 
-    /// Take before a flush; pass to [`AckLedger::confirm`] once it succeeded.
-    pub(super) fn mark(&self) -> Mark {
+    /// The current connection (the disconnects seen so far), or `None` while disconnected.
+    fn connection(&self) -> Option<u64> {
         let disconnects = self.disconnects.load(Ordering::SeqCst);
         let connected = disconnects == self.reconnects.load(Ordering::SeqCst);
+        connected.then_some(disconnects)
+    }
+
+    /// Take before a flush; pass to [`AckLedger::confirm`] once it succeeded.
+    pub(super) fn mark(&self) -> Mark {
         Mark {
             written: self.written.load(Ordering::SeqCst),
-            disconnects: connected.then_some(disconnects),
+            disconnects: self.connection(),
         }
     }
 
@@ -246,9 +268,11 @@ impl AckLedger {
         if mark.disconnects != Some(self.disconnects.load(Ordering::SeqCst)) {
             return;
         }
-        let mark = mark.written;
-        self.confirmed.fetch_max(mark, Ordering::SeqCst);
-        crate::sync::lock(&self.unconfirmed).retain(|(n, _, _)| *n > mark);
+        self.confirmed.fetch_max(mark.written, Ordering::SeqCst);
+        // An ack written before the mark, but on an earlier connection, stays for the resend:
+        // a reconnect may have come between the flusher's resend and its mark.
+        crate::sync::lock(&self.unconfirmed)
+            .retain(|k| k.n > mark.written || k.connection != mark.disconnects);
     }
 
     pub(super) fn all_confirmed(&self) -> bool {
@@ -339,12 +363,44 @@ mod tests {
     }
 
     #[test]
+    fn a_flush_on_a_later_connection_does_not_confirm_an_ack_of_an_earlier_one() {
+        // The flusher checked for a resend, then the reconnect completed, then it marked and
+        // flushed on the new connection: the ack written on the old one may never have left it.
+        let ledger = AckLedger::default();
+        ledger.record_final(Some("a"), ACK, Ok(())).unwrap();
+        ledger.disconnected();
+        ledger.reconnected();
+        ledger.confirm(ledger.mark());
+        assert_eq!(
+            crate::sync::lock(&ledger.unconfirmed).len(),
+            1,
+            "kept for the resend"
+        );
+        // Written while disconnected (into the client's reconnect buffer): kept as well.
+        ledger.disconnected();
+        ledger.record_final(Some("b"), ACK, Ok(())).unwrap();
+        ledger.reconnected();
+        ledger.confirm(ledger.mark());
+        assert_eq!(crate::sync::lock(&ledger.unconfirmed).len(), 2);
+        // Sent again on the new connection, then flushed: confirmed.
+        ledger.resend.store(false, Ordering::SeqCst);
+        let again: Vec<_> = crate::sync::lock(&ledger.unconfirmed).drain(..).collect();
+        for k in again {
+            ledger
+                .record_final(Some(&k.subject), k.body, Ok(()))
+                .unwrap();
+        }
+        ledger.confirm(ledger.mark());
+        assert!(crate::sync::lock(&ledger.unconfirmed).is_empty());
+    }
+
+    #[test]
     fn final_acks_are_kept_until_a_flush_confirms_them() {
         let ledger = AckLedger::default();
         let kept = |l: &AckLedger| -> Vec<String> {
             crate::sync::lock(&l.unconfirmed)
                 .iter()
-                .map(|(_, s, _)| s.clone())
+                .map(|k| k.subject.clone())
                 .collect()
         };
         ledger.record_final(Some("a"), ACK, Ok(())).unwrap();

@@ -11,7 +11,7 @@ use super::ack::AckLedger;
 use super::flush::{self, Flusher};
 use super::functions::Functions;
 use super::provision::Streams;
-use super::pull::Pullers;
+use super::pull::{DisconnectHook, Pullers};
 use super::{Access, Broker, BrokerError, ConnectionEvents, NatsAuth};
 
 /// How often a connection attempt in progress looks for a shutdown request.
@@ -211,6 +211,8 @@ impl Broker {
         // A failed attempt fires its close callback too: only the connection that is
         // returned may report events, so each attempt gets its own gate.
         let gate = Arc::new(AtomicBool::new(false));
+        // The pool, made once connected, moves to a fresh inbox at each disconnect.
+        let hook = Arc::new(DisconnectHook::default());
         let on = |f: fn(&dyn ConnectionEvents)| {
             let (gate, events) = (gate.clone(), events.clone());
             move || {
@@ -222,11 +224,12 @@ impl Broker {
         options = options
             .disconnect_callback({
                 let disconnected = on(|e| e.disconnected());
-                let (gate, ledger) = (gate.clone(), ledger.clone());
+                let (gate, ledger, hook) = (gate.clone(), ledger.clone(), hook.clone());
                 move || {
                     if gate.load(Ordering::SeqCst) {
                         // Flushes under way confirm nothing from here on.
                         ledger.disconnected();
+                        hook.disconnected();
                     }
                     disconnected();
                 }
@@ -270,6 +273,7 @@ impl Broker {
             generation,
             flush.clone(),
         ));
+        hook.attach(&pullers);
         let flusher = Flusher::spawn(&nc, &ledger, (flush, flush_requests), pullers.dispatcher())
             .map_err(|source| BrokerError::Connect {
             urls: shown,

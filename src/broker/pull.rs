@@ -23,7 +23,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -64,6 +64,13 @@ struct State {
     renew: bool,
     /// Shutting down: no more requests, and the inbox is gone.
     stopped: bool,
+    /// False from a disconnect until the reconnect after it: nothing is asked for, and
+    /// nothing is handed back (it would only be written into the dead socket).
+    connected: bool,
+    /// Inboxes retired at a disconnect, and deliveries that reached their threads after it:
+    /// handed back once connected again.
+    retired: Vec<Inbox>,
+    parked: Vec<nats::Message>,
     /// Threads waiting for a message.
     idle: usize,
     /// Messages asked for and not delivered yet, of all targets; never more than `idle`.
@@ -95,6 +102,9 @@ impl State {
             generation,
             renew: false,
             stopped: false,
+            connected: true,
+            retired: Vec::new(),
+            parked: Vec::new(),
             idle: 0,
             credit: 0,
             targets,
@@ -391,15 +401,26 @@ impl Pullers {
                 t.credit = 0;
             }
             if let Some(sub) = st.sub.take() {
-                if let Err(e) = sub.unsubscribe() {
-                    log::debug!("unsubscribing the inbox: {e}");
-                }
+                unsubscribe_keeping_queue(sub);
             }
-            for msg in st.inbox.rx.try_iter() {
+            let parked = std::mem::take(&mut st.parked);
+            let retired = std::mem::take(&mut st.retired);
+            let waiting = retired
+                .iter()
+                .chain([&st.inbox])
+                .flat_map(|i| i.rx.try_iter());
+            for msg in parked.into_iter().chain(waiting) {
                 hand_back_unrequested(&msg, &s.ledger);
             }
         }
         self.flush.request();
+    }
+
+    /// The connection dropped (the client's disconnect callback, before it reconnects).
+    pub(super) fn disconnected(&self) {
+        if let Some(s) = self.shared() {
+            s.disconnected();
+        }
     }
 
     /// A consumer was re-created: the requests waiting at the old one are gone.
@@ -420,6 +441,14 @@ impl Dispatch for Pullers {
     }
 }
 
+/// Unsubscribes an inbox and leaves what already reached it to its receivers, to be handed
+/// back. `nats::Subscription::unsubscribe` would discard the queued deliveries, each of which
+/// the server would then send again only after its ack wait; dropping the pool's only handle
+/// unsubscribes (the client ignores the error of a dead connection) and discards nothing.
+fn unsubscribe_keeping_queue(sub: nats::Subscription) {
+    drop(sub);
+}
+
 fn subscribe(
     nc: &nats::Connection,
     prefix: &str,
@@ -432,7 +461,44 @@ fn subscribe(
     Ok((sub, Inbox { n, rx }))
 }
 
+/// Lets the connection's disconnect callback, set before the pool exists, reach it.
+#[derive(Default)]
+pub(super) struct DisconnectHook(Mutex<Option<Weak<Pullers>>>);
+
+impl DisconnectHook {
+    pub(super) fn attach(&self, pullers: &Arc<Pullers>) {
+        *lock(&self.0) = Some(Arc::downgrade(pullers));
+    }
+
+    /// Runs on the client's thread, which holds none of its locks then; takes the pool's lock
+    /// briefly (nothing holds it while waiting on the server).
+    pub(super) fn disconnected(&self) {
+        let pullers = lock(&self.0).as_ref().and_then(Weak::upgrade);
+        if let Some(p) = pullers {
+            p.disconnected();
+        }
+    }
+}
+
 impl Shared {
+    /// The connection dropped. On the reconnect the client subscribes its subscriptions
+    /// again, and the server, which keeps the pull requests of the dead connection, would
+    /// then serve them to the new one: deliveries nobody asked for, which the client drops
+    /// once the pool unsubscribes their inbox, each costing an ack wait. So the pool moves
+    /// to a fresh inbox now, before the reconnect: the old one is not subscribed again, and
+    /// its requests die at the server for want of interest. Nothing is asked for until the
+    /// reconnect; what reached the old inbox is handed back then.
+    fn disconnected(&self) {
+        let mut st = lock(&self.state);
+        if st.stopped {
+            return;
+        }
+        st.connected = false;
+        if let Some(old) = self.move_inbox(&mut st) {
+            st.retired.push(old);
+        }
+    }
+
     /// Sends the pull requests the idle threads need; starts afresh first when requests may
     /// have been lost or revived. Returns whether it wrote anything, and when to run again
     /// without being asked.
@@ -442,6 +508,22 @@ impl Shared {
             return (false, None);
         }
         let generation = self.generation.load(Ordering::SeqCst);
+        if !st.connected {
+            if generation == st.generation {
+                return (false, None); // still disconnected: the reconnect asks again
+            }
+            // Reconnected, on the inbox made at the disconnect.
+            st.connected = true;
+            st.generation = generation;
+            self.ledger.resend_after_reconnect(&self.nc);
+            let retired = std::mem::take(&mut st.retired);
+            for msg in retired.iter().flat_map(|old| old.rx.try_iter()) {
+                hand_back_unrequested(&msg, &self.ledger);
+            }
+            for msg in std::mem::take(&mut st.parked) {
+                hand_back_unrequested(&msg, &self.ledger);
+            }
+        }
         let lost = st.credit > 0 && st.quiet_after.is_some_and(|t| now >= t);
         if lost {
             log::debug!(
@@ -514,30 +596,36 @@ impl Shared {
     fn renew_inbox(&self, st: &mut State) {
         // The acks a reconnect may have cost go out again before any new request.
         self.ledger.resend_after_reconnect(&self.nc);
+        if let Some(old) = self.move_inbox(st) {
+            for msg in old.rx.try_iter() {
+                hand_back_unrequested(&msg, &self.ledger);
+            }
+        }
+    }
+
+    /// Subscribes a fresh inbox, unsubscribes the current one and forgets what was asked
+    /// for; returns the old inbox, whose waiting threads see it closed and move to the new
+    /// one. `None` (nothing changed) if the client refuses the subscription.
+    fn move_inbox(&self, st: &mut State) -> Option<Inbox> {
         let n = st.inbox.n + 1;
         let (sub, inbox) = match subscribe(&self.nc, &self.prefix, n) {
             Ok(new) => new,
             Err(e) => {
                 // Only a closed connection refuses a subscription; keep the old inbox.
                 log::debug!("cannot subscribe a fresh inbox: {e}");
-                return;
+                return None;
             }
         };
         let old = std::mem::replace(&mut st.inbox, inbox);
         if let Some(old_sub) = st.sub.replace(sub) {
-            if let Err(e) = old_sub.unsubscribe() {
-                log::debug!("unsubscribing an old inbox: {e}");
-            }
+            unsubscribe_keeping_queue(old_sub);
         }
         st.credit = 0;
         for t in st.targets.iter_mut().flatten() {
             t.credit = 0;
         }
         st.quiet_after = None;
-        // Threads waiting on the old inbox see it closed, and move to the new one.
-        for msg in old.rx.try_iter() {
-            hand_back_unrequested(&msg, &self.ledger);
-        }
+        Some(old)
     }
 
     /// A status reply: a request ended without delivering its whole batch.
@@ -743,6 +831,10 @@ impl Puller {
             let mut st = lock(&sh.state);
             if st.inbox.n != inbox.n {
                 // Asked for on an inbox given up: its thread's credit is gone.
+                if !st.connected {
+                    st.parked.push(msg);
+                    continue;
+                }
                 drop(st);
                 hand_back_unrequested(&msg, &sh.ledger);
                 continue;
