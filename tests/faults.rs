@@ -300,12 +300,7 @@ fn cuts_under_load_deliver_every_message_once_and_never_beyond_the_threads() {
         "the worker held {} messages",
         through.max_held
     );
-    let seen: BTreeSet<String> = function
-        .requests()
-        .iter()
-        .filter_map(|s| s.header("X-Call-Id").map(String::from))
-        .collect();
-    assert_eq!(seen, ids);
+    assert_eq!(call_ids_seen(&function), ids);
     assert_eq!(function.answered(), N, "some call ran twice");
 }
 

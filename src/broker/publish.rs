@@ -14,6 +14,8 @@ use super::{api, status_of, BrokerError};
 const PUBLISH_WINDOW: usize = 512;
 /// How often a message is sent before its missing acknowledgement fails the publish.
 const PUBLISH_TRIES: u32 = 3;
+/// How long a message nobody took (503) waits before it is sent again.
+const NO_RESPONDERS_PAUSE: Duration = Duration::from_millis(250);
 
 /// A message to publish.
 #[derive(Debug, Clone)]
@@ -137,6 +139,18 @@ pub(super) fn publish_all(
                 else {
                     continue;
                 };
+                // 503: nobody took the message. Right after a stream is made in a cluster the
+                // server this connection is on may not know it yet; send it again shortly
+                // (Nats-Msg-Id makes a resend safe), up to the tries.
+                if status_of(&reply) == Some("503") {
+                    if let Some((at, tries)) = sent.get_mut(&i) {
+                        if *tries < PUBLISH_TRIES {
+                            let due = Instant::now() + NO_RESPONDERS_PAUSE;
+                            *at = due.checked_sub(ack_timeout).unwrap_or(*at);
+                            continue;
+                        }
+                    }
+                }
                 if sent.remove(&i).is_none() {
                     continue;
                 }

@@ -449,13 +449,7 @@ fn pump(
                             });
                         }
                     }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock
-                                | io::ErrorKind::TimedOut
-                                | io::ErrorKind::Interrupted
-                        ) => {}
+                    Err(e) if nothing_yet(&e) => {}
                     Err(_) => break,
                 }
             }
@@ -488,16 +482,18 @@ fn drain(client: &mut TcpStream, shared: &Shared, answers: &mut AnswerScan) {
                     }
                 });
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if nothing_yet(&e) => {}
             Err(_) => return,
         }
     }
+}
+
+/// A read that timed out or was interrupted: nothing to read yet, the socket lives.
+fn nothing_yet(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
 }
 
 /// How long a cut connection's client side is drained at most.
