@@ -679,7 +679,7 @@ fn c06_client_connections_cut() {
              (sent by the worker, never reached the server: sent again after the reconnect); \
              {} hand-back(s)",
             through.max_held,
-            through.again_unasked,
+            through.again_unasked(),
             seen.worst,
             lost_on_wire,
             seen.sent,
@@ -706,7 +706,7 @@ fn c06_client_connections_cut() {
         if through.max_held > MAX_INFLIGHT as u64 {
             run.fail(format!("the worker held {} messages", through.max_held));
         }
-        if through.again_unasked > 0 {
+        if through.again_unasked() > 0 {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/chaos/cut-worker.log");
             let _ = std::fs::write(&path, worker.logs());
             let trail: Vec<String> = through

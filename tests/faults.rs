@@ -283,13 +283,13 @@ fn cuts_under_load_deliver_every_message_once_and_never_beyond_the_threads() {
         "deliveries sent {sent}; through the proxy {} (again: {}), lost on the wire {}, \
          most held {}, hand-backs {}",
         through.forwarded,
-        through.again_unasked,
+        through.again_unasked(),
         sent.saturating_sub(through.forwarded),
         through.max_held,
         through.naks
     );
     assert_eq!(
-        through.again_unasked,
+        through.again_unasked(),
         0,
         "a message the worker had been given was delivered again: it dropped a delivery, or \
          an ack never arrived\n{}",

@@ -23,7 +23,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -403,15 +403,10 @@ impl Pullers {
             if let Some(sub) = st.sub.take() {
                 unsubscribe_keeping_queue(sub);
             }
-            let parked = std::mem::take(&mut st.parked);
-            let retired = std::mem::take(&mut st.retired);
-            let waiting = retired
-                .iter()
-                .chain([&st.inbox])
-                .flat_map(|i| i.rx.try_iter());
-            for msg in parked.into_iter().chain(waiting) {
-                hand_back_unrequested(&msg, &s.ledger);
-            }
+            // The current inbox too: nothing will ask for its deliveries now.
+            let current = st.inbox.clone();
+            st.retired.push(current);
+            hand_back_held(&mut st, &s.ledger);
         }
         self.flush.request();
     }
@@ -463,18 +458,17 @@ fn subscribe(
 
 /// Lets the connection's disconnect callback, set before the pool exists, reach it.
 #[derive(Default)]
-pub(super) struct DisconnectHook(Mutex<Option<Weak<Pullers>>>);
+pub(super) struct DisconnectHook(OnceLock<Weak<Pullers>>);
 
 impl DisconnectHook {
     pub(super) fn attach(&self, pullers: &Arc<Pullers>) {
-        *lock(&self.0) = Some(Arc::downgrade(pullers));
+        let _ = self.0.set(Arc::downgrade(pullers));
     }
 
     /// Runs on the client's thread, which holds none of its locks then; takes the pool's lock
     /// briefly (nothing holds it while waiting on the server).
     pub(super) fn disconnected(&self) {
-        let pullers = lock(&self.0).as_ref().and_then(Weak::upgrade);
-        if let Some(p) = pullers {
+        if let Some(p) = self.0.get().and_then(Weak::upgrade) {
             p.disconnected();
         }
     }
@@ -512,17 +506,11 @@ impl Shared {
             if generation == st.generation {
                 return (false, None); // still disconnected: the reconnect asks again
             }
-            // Reconnected, on the inbox made at the disconnect.
+            // Reconnected, on the inbox made at the disconnect (the flusher has sent the
+            // acks the drop may have cost again, before this dispatch).
             st.connected = true;
             st.generation = generation;
-            self.ledger.resend_after_reconnect(&self.nc);
-            let retired = std::mem::take(&mut st.retired);
-            for msg in retired.iter().flat_map(|old| old.rx.try_iter()) {
-                hand_back_unrequested(&msg, &self.ledger);
-            }
-            for msg in std::mem::take(&mut st.parked) {
-                hand_back_unrequested(&msg, &self.ledger);
-            }
+            hand_back_held(&mut st, &self.ledger);
         }
         let lost = st.credit > 0 && st.quiet_after.is_some_and(|t| now >= t);
         if lost {
@@ -597,10 +585,9 @@ impl Shared {
         // The acks a reconnect may have cost go out again before any new request.
         self.ledger.resend_after_reconnect(&self.nc);
         if let Some(old) = self.move_inbox(st) {
-            for msg in old.rx.try_iter() {
-                hand_back_unrequested(&msg, &self.ledger);
-            }
+            st.retired.push(old);
         }
+        hand_back_held(st, &self.ledger);
     }
 
     /// Subscribes a fresh inbox, unsubscribes the current one and forgets what was asked
@@ -967,6 +954,17 @@ fn attribute(st: &mut State, msg: &nats::Message) -> Option<usize> {
         t.pending = Some(info.pending);
     }
     Some(key)
+}
+
+/// Hands back what the pool holds without a thread for it: the deliveries parked while
+/// disconnected and those left in retired inboxes.
+fn hand_back_held(st: &mut State, ledger: &AckLedger) {
+    let parked = std::mem::take(&mut st.parked);
+    let retired = std::mem::take(&mut st.retired);
+    let waiting = retired.iter().flat_map(|i| i.rx.try_iter());
+    for msg in parked.into_iter().chain(waiting) {
+        hand_back_unrequested(&msg, ledger);
+    }
 }
 
 /// Hands a delivery nobody asked for back to the server at once, for another thread.

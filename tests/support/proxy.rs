@@ -18,7 +18,7 @@
 //! Opt-in: a test file compiles it with `#[path = "support/proxy.rs"] mod proxy;` beside
 //! `mod support;` (tests/chaos.rs, tests/faults.rs).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -68,14 +68,7 @@ struct Shared {
 pub struct Deliveries {
     /// Deliveries written whole to the client's socket.
     pub forwarded: u64,
-    /// Deliveries the client never got, known as such because a later one of the same
-    /// message came through with a higher delivery count (lost in transit at a cut, or sent
-    /// to an inbox nobody listened on any more).
-    pub lost_then_redelivered: u64,
-    /// Messages the client holds: delivered to it and not yet answered with an ack, a
-    /// hand-back (NAK) or a termination. In-progress acks do not count as answers.
-    pub held: u64,
-    /// The most messages the client held at once.
+    /// The most messages the client held at once (see [`Deliveries::held`]).
     pub max_held: u64,
     /// Hand-backs (`-NAK`) the client sent.
     pub naks: u64,
@@ -83,37 +76,41 @@ pub struct Deliveries {
     /// server: read from it just before or after a cut. Until the client sends them again,
     /// the server still counts their messages as unacknowledged.
     pub answers_lost: u64,
-    /// Deliveries of a message the client had already been given (and had not handed back):
-    /// with no failure but the connection, every one is a delivery the client dropped or an
-    /// ack that never arrived.
-    pub again_unasked: u64,
-    /// Their stream sequences.
+    /// The stream sequences of deliveries of a message the client had already been given
+    /// (and had not handed back), one per such delivery.
     pub again_seqs: Vec<u64>,
     /// Every forwarded delivery: (time, connection, stream seq, delivery count), for reading
     /// what happened to a message.
     pub trail: Vec<(std::time::SystemTime, u64, u64, u64)>,
     /// The stream sequences of the messages handed back and not delivered since.
     handed_back: HashSet<u64>,
-    /// Per stream sequence: the deliveries of it accounted for (forwarded or known lost).
-    accounted: HashMap<u64, u64>,
+    /// The stream sequences of every message forwarded so far.
+    given: HashSet<u64>,
     /// The stream sequences of the messages held.
     holding: HashSet<u64>,
 }
 
 impl Deliveries {
-    fn forwarded_one(&mut self, stream_seq: u64, delivered: u64) {
+    /// Messages the client holds: delivered to it and not yet answered with an ack, a
+    /// hand-back (NAK) or a termination. In-progress acks do not count as answers.
+    pub fn held(&self) -> u64 {
+        self.holding.len() as u64
+    }
+
+    /// Deliveries of a message the client had already been given and had not handed back:
+    /// with no failure but the connection, every one is a delivery the client dropped or an
+    /// ack that never arrived.
+    pub fn again_unasked(&self) -> u64 {
+        self.again_seqs.len() as u64
+    }
+
+    fn forwarded_one(&mut self, stream_seq: u64) {
         self.forwarded += 1;
-        let before = self.accounted.get(&stream_seq).copied().unwrap_or(0);
-        if before > 0 && !self.handed_back.remove(&stream_seq) {
-            self.again_unasked += 1;
+        if !self.given.insert(stream_seq) && !self.handed_back.remove(&stream_seq) {
             self.again_seqs.push(stream_seq);
         }
-        let accounted = self.accounted.entry(stream_seq).or_insert(0);
-        self.lost_then_redelivered += delivered.saturating_sub(1).saturating_sub(*accounted);
-        *accounted = (*accounted).max(delivered);
         self.holding.insert(stream_seq);
-        self.held = self.holding.len() as u64;
-        self.max_held = self.max_held.max(self.held);
+        self.max_held = self.max_held.max(self.held());
     }
 
     /// The client answered a delivery of `stream_seq` with `body`; whether it was a final
@@ -127,7 +124,6 @@ impl Deliveries {
             self.handed_back.insert(stream_seq);
         }
         self.holding.remove(&stream_seq);
-        self.held = self.holding.len() as u64;
         true
     }
 }
@@ -445,7 +441,7 @@ fn pump(
                             let now = std::time::SystemTime::now();
                             scan.feed(&buf[..n], |seq, dc| {
                                 log.trail.push((now, id, seq, dc));
-                                log.forwarded_one(seq, dc)
+                                log.forwarded_one(seq)
                             });
                         }
                     }
@@ -510,12 +506,12 @@ mod tests {
         for split in 0..stream.len() {
             let mut scan = DeliveryScan::default();
             let mut log = Deliveries::default();
-            scan.feed(&stream[..split], |s, d| log.forwarded_one(s, d));
-            scan.feed(&stream[split..], |s, d| log.forwarded_one(s, d));
+            scan.feed(&stream[..split], |s, _| log.forwarded_one(s));
+            scan.feed(&stream[split..], |s, _| log.forwarded_one(s));
             assert_eq!(log.forwarded, 2, "split at {split}");
-            // Stream seq 7 came first with delivery count 1, then with 3: one delivery lost.
-            assert_eq!(log.lost_then_redelivered, 1, "split at {split}");
-            assert_eq!((log.held, log.max_held), (1, 1), "split at {split}");
+            // Stream seq 7 came again, never handed back.
+            assert_eq!(log.again_unasked(), 1, "split at {split}");
+            assert_eq!((log.held(), log.max_held), (1, 1), "split at {split}");
         }
         // A delivery whose payload never came whole did not reach the client.
         let mut scan = DeliveryScan::default();
@@ -542,12 +538,12 @@ mod tests {
             assert_eq!(seen, expected, "split at {split}");
         }
         let mut log = Deliveries::default();
-        log.forwarded_one(7, 1);
-        log.forwarded_one(8, 1);
+        log.forwarded_one(7);
+        log.forwarded_one(8);
         log.answered(7, b"+WPI");
-        assert_eq!(log.held, 2, "an in-progress ack is no answer");
+        assert_eq!(log.held(), 2, "an in-progress ack is no answer");
         log.answered(7, b"-NAK");
         log.answered(8, b"");
-        assert_eq!((log.held, log.max_held, log.naks), (0, 2, 1));
+        assert_eq!((log.held(), log.max_held, log.naks), (0, 2, 1));
     }
 }
